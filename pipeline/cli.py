@@ -1,0 +1,135 @@
+"""The `revcol` command line (also `python -m pipeline`). Thin: parse, build, run, close.
+
+Every reporting command takes ``--json`` and then prints one JSON object on its last line for scripts.
+Exit status: 0 success, 1 the work failed (e.g. bad shards), 2 bad input (usage, invalid recipe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+__all__ = ["main"]
+
+logger = logging.getLogger("pipeline")
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    result = run_demo(workdir=args.workdir, epochs=args.epochs, seed=args.seed)
+    if args.json:
+        _print_json(result)
+    return 0
+
+
+def _cmd_shards_write(args: argparse.Namespace) -> int:
+    from pipeline.data.shards import write_shards
+
+    manifest = write_shards(
+        args.source,
+        args.dest,
+        shard_size=args.shard_size,
+        shard_bytes=args.shard_bytes,
+        seed=args.seed,
+        force=args.force,
+        progress=not args.json,
+    )
+    if args.json:
+        _print_json({"dest": args.dest, "shards": len(manifest["shards"]), "samples": manifest["num_samples"]})
+    return 0
+
+
+def _cmd_shards_verify(args: argparse.Namespace) -> int:
+    from pipeline.data.shards import verify_shards
+
+    report = verify_shards(args.dest, progress=not args.json)
+    if args.json:
+        _print_json(report)
+    else:
+        for name, problem in sorted(report["bad_shards"].items()):
+            print(f"BAD {name}: {problem}", file=sys.stderr)
+        print(f"{report['ok_shards']} shards ok, {len(report['bad_shards'])} bad")
+    return 0 if report["ok"] else 1
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    if args.stages:
+        wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
+        unknown = [s for s in wanted if s not in [st.name for st in recipe.stages]]
+        if unknown:
+            raise SystemExit(f"--stages: unknown stage(s) {unknown}; recipe has {[s.name for s in recipe.stages]}")
+    if args.dry_run:
+        plan = {"recipe": recipe.name, "stages": [s.name for s in recipe.stages], "valid": True}
+        if args.json:
+            _print_json(plan)
+        else:
+            print(f"recipe {recipe.name!r} is valid; stages: {', '.join(plan['stages'])}")
+        return 0
+    raise SystemExit("revcol run: executing stages is not available yet in this version (use --dry-run)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="revcol", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="the embedded default: train a small RevCol on scikit-learn's digits")
+    demo.add_argument("--workdir", default="runs/demo", help="where outputs go (default: runs/demo)")
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--json", action="store_true", help="print one JSON summary object last")
+    demo.set_defaults(func=_cmd_demo)
+
+    shards = sub.add_parser("shards", help="write or verify WebDataset shards")
+    shards_sub = shards.add_subparsers(dest="shards_command", required=True)
+    write = shards_sub.add_parser("write", help="SOURCE (image folder or 'digits') -> shards + manifest.json")
+    write.add_argument("source", help="an image-folder path (one subfolder per class) or 'digits'")
+    write.add_argument("dest", help="a folder or s3://bucket/prefix")
+    write.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    write.add_argument("--shard-bytes", type=int, default=None, help="also cap a shard's bytes")
+    write.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
+    write.add_argument("--force", action="store_true", help="overwrite a different dataset at DEST")
+    write.add_argument("--json", action="store_true")
+    write.set_defaults(func=_cmd_shards_write)
+    verify = shards_sub.add_parser("verify", help="re-read shards, check counts and hashes against the manifest")
+    verify.add_argument("dest", help="a folder or s3://bucket/prefix holding manifest.json")
+    verify.add_argument("--json", action="store_true")
+    verify.set_defaults(func=_cmd_shards_verify)
+
+    run = sub.add_parser("run", help="run a recipe's stages")
+    run.add_argument("recipe", help="recipe YAML (see jobs/)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    run.add_argument("--stages", default=None, help="comma-separated subset of stages to run")
+    run.add_argument("--dry-run", action="store_true", help="validate and print the plan; take no resources")
+    run.add_argument("--json", action="store_true")
+    run.set_defaults(func=_cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import RecipeError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except RecipeError as err:
+        print(f"revcol: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"revcol: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,387 @@
+"""The typed recipe schema: one YAML file in, validated config objects out.
+
+A recipe mirrors this module's class tree. It is validated once, at load; code below the loader only ever sees
+these objects. Unknown keys and bad values raise :class:`RecipeError` naming the dotted key, what was given and
+what is allowed. ``--set a.b=c`` overrides are applied to the raw YAML before validation, so they obey the same
+rules (``stages.<index or kind>.optim.lr=1e-4``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "Recipe",
+    "RecipeError",
+    "RegularizeConfig",
+    "S3Config",
+    "ScalingConfig",
+    "StageConfig",
+    "TrackingConfig",
+    "apply_overrides",
+    "load_recipe",
+    "parse_recipe",
+]
+
+STAGE_KINDS = ("pretrain", "finetune", "eval")
+
+
+class RecipeError(ValueError):
+    """A recipe (or an override) is invalid; the message names every bad key."""
+
+
+class _Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, field docstrings are the documentation."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class TrackingConfig(_Section):
+    uri: str = "mlruns"
+    """MLflow tracking URI: a local folder (``mlruns``), ``sqlite:///file.db`` or ``http://host:5000``."""
+    experiment: str | None = None
+    """MLflow experiment name; defaults to the recipe ``name``."""
+
+
+class S3Config(_Section):
+    endpoint_url: str | None = None
+    """S3 endpoint (e.g. ``http://127.0.0.1:9000``); defaults to ``AWS_ENDPOINT_URL`` or AWS itself."""
+    region: str | None = None
+    """Region name; defaults to ``AWS_DEFAULT_REGION``."""
+    access_key_id: str | None = Field(default=None, repr=False)
+    """Access key; prefer the standard ``AWS_ACCESS_KEY_ID`` variable. Never logged."""
+    secret_access_key: str | None = Field(default=None, repr=False)
+    """Secret key; prefer ``AWS_SECRET_ACCESS_KEY``. Never logged."""
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    """Attempts per request (with exponential backoff) before a transient error fails the read."""
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(default=1, ge=0)
+    """Ray Train workers (one per GPU when ``use_gpu``). 0 runs the training function in-process (local mode)."""
+    use_gpu: bool = False
+    """Give each worker one GPU and use NCCL; otherwise CPU workers with gloo."""
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    """CPUs reserved per training worker. Fractions leave room for the data pipeline on small machines."""
+    gpus_per_worker: float = Field(default=1.0, gt=0)
+    """GPUs per worker when ``use_gpu`` is set."""
+    memory_per_worker_gb: float | None = Field(default=None, gt=0)
+    """Memory reserved per worker, GiB (Ray resource); None reserves nothing."""
+    data_cpus: float = Field(default=1.0, gt=0)
+    """CPU budget for the Ray Data decode/augment tasks, separate from the trainers."""
+    max_failures: int = Field(default=0, ge=-1)
+    """Worker failures tolerated before the run fails (-1: unlimited); each restart resumes from the last checkpoint."""
+
+
+class DataConfig(_Section):
+    train: str | list[str] | None = None
+    """Training shards: a manifest (``.../manifest.json``), a folder or ``s3://`` prefix holding one, or a shard list."""
+    val: str | list[str] | None = None
+    """Validation/eval shards, same forms as ``train``."""
+    image_size: int | None = Field(default=None, ge=16, le=2048)
+    """Input resolution; defaults to the model's pretrained cfg (224)."""
+    batch_size: int = Field(default=128, ge=1)
+    """Batch per worker (global batch = batch_size × num_workers × grad_accum)."""
+    shuffle_buffer: int = Field(default=1000, ge=0)
+    """Samples in the shuffle buffer (0: shard-order only)."""
+    seed: int = 0
+    """Seed of shard order, sample shuffle and augmentation."""
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    """timm RandAugment spec; None turns it off."""
+    random_erasing: float = Field(default=0.25, ge=0, le=1)
+    """Random erasing probability (pixel mode, one box)."""
+    color_jitter: float = Field(default=0.0, ge=0)
+    """Colour jitter strength (used when ``auto_augment`` is None)."""
+    crop_pct: float | None = Field(default=None, gt=0, le=1)
+    """Eval centre-crop fraction; defaults to the model cfg."""
+    max_skipped_frac: float = Field(default=0.01, ge=0, le=1)
+    """Fraction of undecodable/missing samples tolerated before the run stops naming the bad shards."""
+
+
+class ModelConfig(_Section):
+    name: str = "revcol_tiny"
+    """A registered variant: revcol_tiny, revcol_small, revcol_base, revcol_large, revcol_xlarge, revcol_huge."""
+    num_classes: int | None = Field(default=None, ge=1)
+    """Classes of the head; defaults to the class count in the training manifest."""
+    reversible: bool = True
+    """Reversible backward (activation memory independent of the number of columns)."""
+    intersup: bool = False
+    """Intermediate supervision: per-column classifiers and reconstruction decoders, compound loss."""
+    drop_path_rate: float = Field(default=0.0, ge=0, lt=1)
+    """Stochastic depth, linearly increasing over the blocks of a column."""
+    head_init_scale: float | None = Field(default=None, gt=0)
+    """Scale of a freshly initialized head's weights (0.001 in the official finetunes)."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Architecture overrides passed to ``revcol.create_model`` (channels, layers, num_subnet, kernel_size)."""
+
+    @field_validator("name")
+    @classmethod
+    def _known_variant(cls, name: str) -> str:
+        import revcol
+
+        if name not in revcol.list_variants():
+            raise ValueError(f"unknown model {name!r}; allowed: {', '.join(revcol.list_variants())}")
+        return name
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        allowed = {"channels", "layers", "num_subnet", "kernel_size"}
+        unknown = sorted(set(overrides) - allowed)
+        if unknown:
+            raise ValueError(f"unknown override(s) {unknown}; allowed: {sorted(allowed)}")
+        return overrides
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw"] = "adamw"
+    """Optimizer (the paper's AdamW)."""
+    base_lr: float = Field(default=1e-3, gt=0)
+    """Learning rate for a global batch of 1024; scaled linearly by global_batch/1024."""
+    warmup_lr: float = Field(default=1e-5, ge=0)
+    """Warmup start LR (for batch 1024, scaled like base_lr)."""
+    min_lr: float = Field(default=1e-6, ge=0)
+    """Final cosine LR (for batch 1024, scaled like base_lr)."""
+    weight_decay: float = Field(default=0.05, ge=0)
+    """Decoupled weight decay; not applied to norms, biases, layer scales and alphas."""
+    layer_decay: float | None = Field(default=None, gt=0, le=1)
+    """Layer-wise LR decay factor (finetuning); None for none."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = Field(default=1e-8, gt=0)
+    """AdamW epsilon."""
+    epochs: float = Field(default=300, gt=0)
+    """Training length in epochs (fractions allowed)."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps (overrides ``epochs`` when smaller)."""
+    warmup_epochs: float = Field(default=20, ge=0)
+    """Linear warmup length in epochs."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """LR schedule after warmup, stepped per optimizer step."""
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        return betas
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage: 0 plain data parallel, 1 optimizer state, 2 + gradients, 3 + parameters partitioned."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; fp16 uses dynamic loss scaling."""
+    grad_accum: int = Field(default=1, ge=1)
+    """Micro-batches per optimizer step."""
+    grad_clip: float = Field(default=0.0, ge=0)
+    """Gradient-norm clipping (0: none)."""
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """Where ZeRO keeps optimizer state."""
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    """Where ZeRO-3 keeps parameters."""
+    nvme_path: str | None = None
+    """Local folder for NVMe offload files."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Raw DeepSpeed JSON merged over the generated config (expert escape hatch)."""
+
+    @model_validator(mode="after")
+    def _offload_consistent(self) -> DeepSpeedConfig:
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ValueError(f"offload_param={self.offload_param!r} needs zero_stage: 3 (got {self.zero_stage})")
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ValueError(f"offload_optimizer={self.offload_optimizer!r} needs zero_stage >= 1")
+        if "nvme" in (self.offload_param, self.offload_optimizer) and not self.nvme_path:
+            raise ValueError("nvme offload needs nvme_path (a local folder)")
+        return self
+
+
+class RegularizeConfig(_Section):
+    mixup: float = Field(default=0.0, ge=0)
+    """Mixup alpha (0: off)."""
+    cutmix: float = Field(default=0.0, ge=0)
+    """CutMix alpha (0: off)."""
+    mixup_prob: float = Field(default=1.0, ge=0, le=1)
+    """Probability of applying mixup or cutmix to a batch."""
+    mixup_switch_prob: float = Field(default=0.5, ge=0, le=1)
+    """Probability of cutmix instead of mixup when both are on."""
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
+    """Label smoothing."""
+    ema_decay: float | None = Field(default=None, gt=0, lt=1)
+    """Model EMA decay (0.9999 in the paper); None turns EMA off."""
+    fcoe: float = Field(default=3.0, ge=0)
+    """Weight of the reconstruction terms of the intermediate-supervision loss."""
+    ccoe: float = Field(default=0.7, ge=0)
+    """Weight of the intermediate classification terms of the intermediate-supervision loss."""
+
+
+class CheckpointConfig(_Section):
+    interval_steps: int = Field(default=500, ge=1)
+    """Save every N optimizer steps (and at the end of each epoch)."""
+    keep: int = Field(default=2, ge=1)
+    """Keep the last K checkpoints (plus the best by val/top1)."""
+
+
+class StageConfig(_Section):
+    name: str | None = None
+    """Stage name (unique in the recipe); defaults to ``kind``."""
+    kind: Literal["pretrain", "finetune", "eval"]
+    """What the stage does."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    init_from: str | None = None
+    """Weights to start from: an earlier stage's name, or a URI (folder, ``s3://``, ``.safetensors``)."""
+
+    @model_validator(mode="after")
+    def _defaults_and_checks(self) -> StageConfig:
+        if self.name is None:
+            self.name = self.kind
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ValueError(f"stage name {self.name!r} may only hold letters, digits, '_', '.', '-'")
+        if self.kind in ("pretrain", "finetune") and self.data.train is None:
+            raise ValueError(f"a {self.kind} stage needs data.train")
+        if self.kind == "eval" and self.data.val is None:
+            raise ValueError("an eval stage needs data.val")
+        return self
+
+
+class Recipe(_Section):
+    name: str
+    """Pipeline name: the MLflow experiment, and the folder under ``storage_path``."""
+    storage_path: str = "runs"
+    """Where checkpoints and exports go: a local folder or ``s3://bucket/prefix``."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    s3: S3Config = Field(default_factory=S3Config)
+    stages: Annotated[list[StageConfig], Field(min_length=1)]
+    """Ordered stages; each runs after the previous one finished."""
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"name {name!r} may only hold letters, digits, '_', '.', '-'")
+        return name
+
+    @model_validator(mode="after")
+    def _stage_graph(self) -> Recipe:
+        seen: list[str] = []
+        for i, stage in enumerate(self.stages):
+            if stage.name in seen:
+                raise ValueError(f"stages.{i}.name: duplicate stage name {stage.name!r}")
+            ref = stage.init_from
+            if ref is not None and "/" not in ref and "." not in ref and ref not in seen:
+                raise ValueError(
+                    f"stages.{i}.init_from: {ref!r} is neither an earlier stage ({seen or 'none'}) nor a URI"
+                )
+            seen.append(stage.name)
+        return self
+
+    def stage(self, name: str) -> StageConfig:
+        """Returns the stage called ``name``."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"no stage {name!r}; stages: {[s.name for s in self.stages]}")
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p not in ("function-after",)) or "<recipe>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] != "missing" and "input" in e:
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "invalid recipe:\n" + "\n".join(lines)
+
+
+def parse_recipe(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Validates a raw recipe mapping (after applying ``key.sub=value`` overrides).
+
+    Raises:
+        RecipeError: naming every bad key, value and what is allowed.
+    """
+    if not isinstance(raw, dict):
+        raise RecipeError(f"a recipe must be a mapping at top level, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Reads a recipe YAML file, applies overrides, validates it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    return parse_recipe(raw, overrides)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Returns a copy of ``raw`` with each ``a.b.c=value`` override applied (value parsed as YAML).
+
+    List items are addressed by index, and stages also by name or kind: ``stages.finetune.optim.base_lr=1e-4``.
+    """
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"override {item!r} is not of the form key.sub=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise RecipeError(f"override {item!r}: value is not valid YAML: {err}") from None
+        parts = key.strip().split(".")
+        node: Any = raw
+        for depth, part in enumerate(parts):
+            where = ".".join(parts[: depth + 1])
+            last = depth == len(parts) - 1
+            if isinstance(node, list):
+                index = _list_index(node, part, where)
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:
+                raise RecipeError(f"override {item!r}: {'.'.join(parts[:depth])} is a value, not a section")
+    return raw
+
+
+def _list_index(items: list[Any], part: str, where: str) -> int:
+    if part.lstrip("-").isdigit():
+        index = int(part)
+        if not -len(items) <= index < len(items):
+            raise RecipeError(f"override key {where}: index {index} out of range (list has {len(items)} items)")
+        return index
+    names = [(it.get("name") or it.get("kind")) if isinstance(it, dict) else None for it in items]
+    if part in names:
+        return names.index(part)
+    raise RecipeError(f"override key {where}: no item named {part!r}; items: {names}")

@@ -1,0 +1,1 @@
+"""RevCol model family (placeholder until the model lands)."""
