@@ -1,0 +1,63 @@
+"""Measuring what a training step costs on the CPU: memory kept for backward and step time.
+
+"Memory kept for backward" is the growth of the process heap (glibc ``mallinfo2``: small-block arena plus
+mmapped blocks) from just before the forward to just after the loss, so tensors held anywhere — saved for
+backward or not — count. Only meaningful on glibc systems with the CPU allocator.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import time
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["heap_in_use", "memory_kept_for_backward", "train_step_seconds"]
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+    ]
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def heap_in_use() -> int:
+    """Bytes the process has allocated with malloc right now (in use in the arena + mmapped blocks)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        _libc.mallinfo2.restype = _Mallinfo2
+    info = _libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+def memory_kept_for_backward(
+    model: torch.nn.Module, images: torch.Tensor, loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+) -> int:
+    """Heap growth in bytes from just before ``loss_fn(model, images)`` to just after it (then runs backward)."""
+    model.zero_grad(set_to_none=False)  # gradient buffers exist before the measurement
+    gc.collect()
+    before = heap_in_use()
+    loss = loss_fn(model, images)
+    kept = heap_in_use() - before
+    loss.backward()
+    del loss
+    gc.collect()
+    return kept
+
+
+def train_step_seconds(
+    model: torch.nn.Module, images: torch.Tensor, loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+) -> float:
+    """Wall time of one forward + loss + backward."""
+    model.zero_grad(set_to_none=False)
+    start = time.perf_counter()
+    loss_fn(model, images).backward()
+    return time.perf_counter() - start
