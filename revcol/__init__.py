@@ -12,7 +12,9 @@ from typing import Any
 
 from revcol.checkpoint import load_official_state_dict, official_state_dict
 from revcol.loss import compound_loss, reconstruction_target
-from revcol.model import VARIANTS, ColumnOutputs, RevCol, default_cfgs
+from timm.models import get_pretrained_cfg
+
+from revcol.model import VARIANTS, ColumnOutputs, RevCol
 
 __all__ = [
     "ColumnOutputs",
@@ -38,7 +40,7 @@ def model_cfg(name: str) -> dict[str, Any]:
     """Preprocessing metadata of a variant: input size, mean/std, crop pct, interpolation, head names."""
     if name not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VARIANTS)}")
-    return dict(default_cfgs[f"{name}.untrained"].default.to_dict())
+    return get_pretrained_cfg(name).to_dict()
 
 
 def create_model(

@@ -1,0 +1,124 @@
+"""The typed recipe schema: YAML in, validated objects out, errors that name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.config import Recipe, RecipeError, apply_overrides, load_recipe, parse_recipe
+
+BASE = {
+    "name": "unit",
+    "storage_path": "/tmp/runs",
+    "scaling": {"num_workers": 2, "cpus_per_worker": 0.5},
+    "stages": [
+        {"kind": "pretrain", "data": {"train": "shards/pre"}, "model": {"name": "revcol_test", "intersup": True}},
+        {
+            "kind": "finetune",
+            "data": {"train": "shards/ft", "val": "shards/val"},
+            "init_from": "pretrain",
+            "optim": {"base_lr": 1e-4, "layer_decay": 0.9},
+        },
+        {"kind": "eval", "data": {"val": "shards/val"}, "init_from": "finetune"},
+    ],
+}
+
+
+def _error(raw, overrides=()):
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(raw, overrides)
+    return str(err.value)
+
+
+def test_valid_recipe_gives_typed_objects_with_defaults():
+    recipe = parse_recipe(BASE)
+    assert isinstance(recipe, Recipe)
+    assert [s.name for s in recipe.stages] == ["pretrain", "finetune", "eval"]
+    ft = recipe.stage("finetune")
+    assert ft.optim.base_lr == 1e-4 and ft.optim.layer_decay == 0.9
+    assert ft.deepspeed.zero_stage == 0 and ft.regularize.label_smoothing == 0.1
+    assert recipe.scaling.cpus_per_worker == 0.5 and recipe.tracking.uri == "mlruns"
+
+
+def test_load_from_yaml_file_with_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    recipe = load_recipe(
+        path,
+        ["scaling.num_workers=4", "stages.finetune.optim.base_lr=5e-5", "stages.0.deepspeed.zero_stage=3", "tracking.uri=http://127.0.0.1:5000"],
+    )
+    assert recipe.scaling.num_workers == 4
+    assert recipe.stage("finetune").optim.base_lr == 5e-5
+    assert recipe.stage("pretrain").deepspeed.zero_stage == 3
+    assert recipe.tracking.uri == "http://127.0.0.1:5000"
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("scaling.num_wrkers=3", "scaling.num_wrkers: unknown key"),
+        ("stages.0.deepspeed.zero_stage=4", "stages.0.deepspeed.zero_stage: Input should be 0, 1, 2 or 3 (got 4)"),
+        ("stages.1.deepspeed.precision=fp8", "'fp32', 'bf16' or 'fp16' (got 'fp8')"),
+        ("stages.0.model.name=revcol_giant", "unknown model 'revcol_giant'; allowed: revcol_tiny"),
+        ("stages.0.model.overrides={widths: [1]}", "unknown override(s) ['widths']"),
+        ("stages.0.kind=distill", "stages.0.kind: Input should be 'pretrain', 'finetune' or 'eval'"),
+        ("scaling.num_workers=-1", "scaling.num_workers: Input should be greater than or equal to 0 (got -1)"),
+        ("stages.0.optim.betas=[0.9, 1.5]", "betas must lie in [0, 1)"),
+        ("stages.0.deepspeed.offload_param=cpu", "offload_param='cpu' needs zero_stage: 3"),
+        ("stages.2.init_from=pretrian", "'pretrian' is neither an earlier stage"),
+        ("stages.1.name=pretrain", "duplicate stage name 'pretrain'"),
+        ("name=has space", "name 'has space' may only hold"),
+    ],
+)
+def test_bad_values_are_named(override, expected):
+    assert expected in _error(BASE, [override])
+
+
+def test_missing_required_and_empty_stages():
+    assert "name: Field required" in _error({"stages": BASE["stages"]})
+    assert "stages: List should have at least 1 item" in _error({"name": "x", "stages": []})
+    assert "a pretrain stage needs data.train" in _error({"name": "x", "stages": [{"kind": "pretrain"}]})
+    assert "recipe must be a mapping" in _error(["not", "a", "mapping"])
+
+
+def test_all_errors_reported_at_once():
+    msg = _error(BASE, ["scaling.bogus=1", "stages.0.optim.base_lr=-1"])
+    assert "scaling.bogus: unknown key" in msg and "stages.0.optim.base_lr" in msg
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("noequals", "is not of the form key.sub=value"),
+        ("stages.7.optim.base_lr=1", "index 7 out of range"),
+        ("stages.distill.optim.base_lr=1", "no item named 'distill'"),
+        ("name.sub=1", "name is a value, not a section"),
+    ],
+)
+def test_bad_overrides_are_named(override, expected):
+    with pytest.raises(RecipeError) as err:
+        apply_overrides(BASE, [override])
+    assert expected in str(err.value)
+
+
+def test_overrides_do_not_mutate_input():
+    apply_overrides(BASE, ["scaling.num_workers=9"])
+    assert BASE["scaling"]["num_workers"] == 2
+
+
+def test_cli_dry_run_validates_and_exits_2_on_bad_recipe(tmp_path):
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    good.write_text(yaml.safe_dump(BASE))
+    bad.write_text(yaml.safe_dump({**BASE, "scaling": {"num_workerz": 1}}))
+    cmd = [sys.executable, "-m", "pipeline", "run", "--dry-run", "--json"]
+    ok = subprocess.run([*cmd, str(good)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert '"valid": true' in ok.stdout.strip().splitlines()[-1]
+    fail = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, timeout=120)
+    assert fail.returncode == 2
+    assert "scaling.num_workerz: unknown key" in fail.stderr
+    missing = subprocess.run([*cmd, str(tmp_path / "nope.yaml")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
