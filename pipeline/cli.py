@@ -41,9 +41,21 @@ def _cmd_shards_write(args: argparse.Namespace) -> int:
         seed=args.seed,
         force=args.force,
         progress=not args.json,
+        split=args.split,
+        splits=args.splits,
+        split_seed=args.split_seed,
     )
     if args.json:
-        _print_json({"dest": args.dest, "shards": len(manifest["shards"]), "samples": manifest["num_samples"]})
+        _print_json(
+            {
+                "dest": args.dest,
+                "shards": len(manifest["shards"]),
+                "samples": manifest["num_samples"],
+                "num_classes": manifest["num_classes"],
+                "split": args.split,
+                "skipped": manifest["skipped"],
+            }
+        )
     return 0
 
 
@@ -100,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--shard-bytes", type=int, default=None, help="also cap a shard's bytes")
     write.add_argument("--seed", type=int, default=0, help="seed of the sample order (default 0)")
     write.add_argument("--force", action="store_true", help="overwrite a different dataset at DEST")
+    write.add_argument("--split", default=None, help="write only this part of a deterministic stratified partition")
+    write.add_argument(
+        "--splits", default=None, metavar="NAME=FRAC,...", help="the partition (default train=0.8,test=0.2)"
+    )
+    write.add_argument("--split-seed", type=int, default=0, help="seed of the partition (default 0; not --seed)")
     write.add_argument("--json", action="store_true")
     write.set_defaults(func=_cmd_shards_write)
     verify = shards_sub.add_parser("verify", help="re-read shards, check counts and hashes against the manifest")
@@ -119,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import RecipeError
+    from pipeline.s3 import S3AccessError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -130,6 +148,6 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"revcol: {err}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, S3AccessError) as err:
         print(f"revcol: error: {err}", file=sys.stderr)
         return 2

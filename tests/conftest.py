@@ -1,0 +1,48 @@
+"""Shared pytest fixtures. Real components only: services run on 127.0.0.1, each fixture stops only what it started.
+
+* ``s3_server`` (session): a ``moto_server`` S3 API (``pipeline.services.S3Server``, as ``infra/local`` uses).
+* ``mlflow_server`` (session, started only when a test asks for it): ``mlflow server`` with artifacts in S3.
+* ``s3_bucket``: a fresh bucket per test; ``s3_env``: the AWS variables pointing at ``s3_server`` for one test.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from pipeline.services import MLflowServer, S3Server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A local S3 server for the whole session."""
+    with S3Server(log_dir=tmp_path_factory.mktemp("s3-server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MLflowServer]:
+    """A local MLflow tracking server (SQLite backend, artifacts proxied into ``s3://mlflow/``)."""
+    with MLflowServer(s3_server, tmp_path_factory.mktemp("mlflow-server"), bucket="mlflow") as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> str:
+    """A new, empty bucket on ``s3_server`` (unique name per test)."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_server.create_bucket(name)
+    return name
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Exports the AWS variables of ``s3_server`` for one test; returns them (for subprocesses)."""
+    env = s3_server.env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS"):
+        monkeypatch.delenv(key, raising=False)
+    return env
