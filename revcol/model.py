@@ -435,10 +435,10 @@ class RevCol(nn.Module):
     def _run_columns(self, x: torch.Tensor, taps: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Runs every column from the stem output; returns the last state and the tapped columns' ``c3``."""
         columns = self.columns()
-        params = [p for column in columns for p in column.parameters() if p.requires_grad]
-        if self.reversible and torch.is_grad_enabled() and (x.requires_grad or params):
+        params_need_grad = any(p.requires_grad for column in columns for p in column.parameters())
+        if self.reversible and torch.is_grad_enabled() and (x.requires_grad or params_need_grad):
             replay_rng = self.training and any(lvl.uses_rng for col in columns for lvl in col.levels())
-            out = _reversible_columns(columns, taps, replay_rng, x, params)
+            out = _reversible_columns(columns, taps, replay_rng, x)
             return list(out[:4]), list(out[4:])
         state: tuple[torch.Tensor, ...] = tuple(x.new_zeros(()) for _ in range(4))
         tapped = []
@@ -488,10 +488,14 @@ class RevCol(nn.Module):
 
 @torch.compiler.disable
 def _reversible_columns(
-    columns: list[Column], taps: tuple[int, ...], replay_rng: bool, x: torch.Tensor, params: list[torch.Tensor]
+    columns: list[Column], taps: tuple[int, ...], replay_rng: bool, x: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
     # Kept out of torch.compile graphs: the backward runs modules and nested autograd, which dynamo can't trace.
-    return ReversibleColumns.apply(columns, taps, replay_rng, x, *params)
+    # The empty trigger makes autograd call backward (where the columns' parameters get their gradients) even
+    # when x needs none. Parameters themselves must not be inputs: a sharded (ZeRO-3) parameter would then get
+    # a gradient accumulator recorded with its empty partition shape.
+    trigger = torch.empty(0, device=x.device, requires_grad=True)
+    return ReversibleColumns.apply(columns, taps, replay_rng, x, trigger)
 
 
 def _check_args(

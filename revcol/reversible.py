@@ -90,21 +90,21 @@ def _autocast_state(device_type: str) -> dict[str, Any]:
 
 
 class ReversibleColumns(torch.autograd.Function):
-    """``apply(columns, taps, replay_rng, x, *params) -> (c0, c1, c2, c3, *tapped_c3)``.
+    """``apply(columns, taps, replay_rng, x, trigger) -> (c0, c1, c2, c3, *tapped_c3)``.
 
     Args (of ``apply``):
         columns: the column modules, first to last.
         taps: indices of columns (not the last) whose ``c3`` is also returned, for intermediate heads.
         replay_rng: record RNG states so random ops (drop path) are replayed exactly in backward.
         x: the stem output, shared by every column.
-        params: the columns' trainable parameters. Their gradients are accumulated into ``.grad`` during
-            backward (as in any recomputation scheme); they are inputs only so that backward runs whenever
-            any of them requires grad.
+        trigger: an empty tensor that requires grad, so backward runs even when ``x`` needs no gradient. The
+            columns' parameters get their gradients accumulated into ``.grad`` during backward, as in any
+            recomputation scheme.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, columns: list[nn.Module], taps: tuple[int, ...], replay_rng: bool, x: torch.Tensor, *params: Any
+        ctx: Any, columns: list[nn.Module], taps: tuple[int, ...], replay_rng: bool, x: torch.Tensor, trigger: Any
     ) -> tuple[torch.Tensor, ...]:
         ctx.columns = columns
         ctx.taps = taps
@@ -138,4 +138,4 @@ class ReversibleColumns(torch.autograd.Function):
                 x_grad += step.x_grad
                 output_grads = step.input_grads  # type: ignore[assignment]
         ctx.columns = ctx.rng = None  # free references early
-        return (None, None, None, x_grad, *([None] * (len(ctx.needs_input_grad) - 4)))
+        return None, None, None, x_grad, None
