@@ -18,8 +18,6 @@ STALE_LOCK_S = 15 * 60
 
 
 def _extensions_dir() -> Path:
-    from torch.utils.cpp_extension import _get_build_directory  # noqa: F401  (import proves torch is there)
-
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
     return Path(root) if root else Path.home() / ".cache" / "torch_extensions"
 
