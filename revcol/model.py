@@ -427,6 +427,38 @@ class RevCol(nn.Module):
             "blocks": r"^subnet(\d+)" if coarse else [(r"^subnet(\d+)\.level(\d+)", None), (r"^subnet(\d+)", None)],
         }
 
+    def layer_ids(self) -> tuple[dict[str, int], int]:
+        """Depth of every parameter for layer-wise LR decay, as the release assigns it; and the number of depths.
+
+        Block ``b`` (counted over a column's levels) of column ``c`` sits at ``1 + d[b][c]`` where ``d`` is the
+        shortest path through the (block, column) grid, ``d[b][c] = min(d[b][c-1], d[b-1][c]) + 1`` with
+        ``d[b][0] = b`` and ``d[0][c] = c``: a late block of an early column is as deep as an early block of a
+        late one. Fusions sit with their level's first block, a column's alphas with its first block; the stem
+        is 0 and the heads come last.
+        """
+        depth = sum(self.layers)
+        grid = [[0] * self.num_subnet for _ in range(depth)]
+        for b in range(depth):
+            for c in range(self.num_subnet):
+                grid[b][c] = b if c == 0 else c if b == 0 else min(grid[b][c - 1], grid[b - 1][c]) + 1
+        last = grid[-1][-1] + 1
+        ids = {}
+        for name, _ in self.named_parameters():
+            parts = name.split(".")
+            if parts[0] == "stem":
+                ids[name] = 0
+            elif parts[0].startswith("subnet"):
+                col = int(parts[0].removeprefix("subnet"))
+                if parts[1].startswith("alpha"):
+                    block = 0
+                else:
+                    lvl = int(parts[1].removeprefix("level"))
+                    block = sum(self.layers[:lvl]) + (int(parts[3]) if parts[2] == "blocks" else 0)
+                ids[name] = grid[block][col] + 1
+            else:
+                ids[name] = last + 1
+        return ids, last + 2
+
     def no_weight_decay(self) -> set[str]:
         """Layer scales and reversible shortcut weights (norms and biases are excluded by dimension)."""
         return {name for name, _ in self.named_parameters() if name.endswith(".gamma") or ".alpha" in name}

@@ -1,0 +1,208 @@
+"""Experiment tracking behind a small interface: MLflow for real runs, an in-memory tracker for tests.
+
+Only rank 0 logs (the gating is here, not at call sites). The MLflow tracker
+
+* never logs a metric step twice: on start it reads, per metric, the last step already logged to the run (a
+  restarted worker resumes from a checkpoint *before* that step) and drops steps up to it;
+* keeps training going when the tracking server is unreachable: metrics are buffered, a warning is printed once,
+  and delivery is retried; whatever is still undelivered at ``close()`` is written to a local JSONL fallback file
+  next to the run's checkpoints, and uploaded as an artifact if the server is back by then;
+* logs params as the flattened resolved recipe with secrets removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = ["MemoryTracker", "MLflowTracker", "NullTracker", "Tracker", "flatten_params", "redact"]
+
+logger = logging.getLogger(__name__)
+
+_SECRET = re.compile(r"(secret|password|passwd|token|access_key|api_key|credential|private)", re.IGNORECASE)
+REDACTED = "***"
+
+
+class Tracker(Protocol):
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None: ...
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def log_artifact(self, path: str | Path, *, artifact_path: str | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class NullTracker:
+    """Logs nothing (ranks other than 0, tracking switched off)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, *, artifact_path: str | None = None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryTracker(NullTracker):
+    """Keeps everything in memory (tests)."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int, str, float]] = []
+        self.params: dict[str, Any] = {}
+        self.tags: dict[str, str] = {}
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        self.metrics.extend((step, k, float(v)) for k, v in metrics.items())
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.params.update(params)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.tags.update(tags)
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """Returns ``value`` with every entry whose key looks like a secret replaced by ``***`` (recursively)."""
+    if key and _SECRET.search(key) and value not in (None, ""):
+        return REDACTED
+    if isinstance(value, Mapping):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    return value
+
+
+def flatten_params(config: Mapping[str, Any], *, prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}} -> {"a.b": "1"}``, secrets removed, values as MLflow-sized strings."""
+    flat: dict[str, str] = {}
+    for key, value in redact(dict(config)).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            for i, item in enumerate(value):
+                label = item.get("name") or item.get("kind") or str(i)
+                flat.update(flatten_params(item, prefix=f"{name}.{label}."))
+        else:
+            flat[name] = json.dumps(value, default=str)[:6000] if not isinstance(value, str) else value[:6000]
+    return flat
+
+
+class MLflowTracker:
+    """Logs to one existing MLflow run (created by the driver), resilient to tracking-server outages.
+
+    Args:
+        tracking_uri: the MLflow tracking URI.
+        run_id: the run to log into.
+        fallback_dir: where undelivered metrics go at ``close()`` if the server is still unreachable.
+        retry_s: minimum seconds between delivery attempts while the server is down.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, fallback_dir: str | Path | None = None, retry_s: float = 10.0):
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self.fallback_dir = Path(fallback_dir) if fallback_dir else None
+        self.retry_s = retry_s
+        self._pending: list[Any] = []
+        self._down_since: float | None = None
+        self._last_attempt = 0.0
+        self._warned = False
+        self.last_steps = self._last_steps()
+
+    def _last_steps(self) -> dict[str, int]:
+        """Per metric, the highest step already logged to the run: steps up to it are not logged again."""
+        try:
+            keys = list(self.client.get_run(self.run_id).data.metrics)
+            return {k: max(m.step for m in self.client.get_metric_history(self.run_id, k)) for k in keys}
+        except Exception as err:  # noqa: BLE001 - tracking must never stop training
+            self._note_down(err)
+            return {}
+
+    def _note_down(self, err: Exception) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        if not self._warned:
+            logger.warning("MLflow tracking unreachable (%s); training continues, metrics are buffered", type(err).__name__)
+            self._warned = True
+
+    def _flush(self, *, force: bool = False) -> None:
+        if not self._pending:
+            return
+        now = time.monotonic()
+        if self._down_since is not None and not force and now - self._last_attempt < self.retry_s:
+            return
+        self._last_attempt = now
+        try:
+            for start in range(0, len(self._pending), 1000):
+                self.client.log_batch(self.run_id, metrics=self._pending[start : start + 1000])
+        except Exception as err:  # noqa: BLE001
+            self._note_down(err)
+            return
+        if self._down_since is not None:
+            logger.warning("MLflow tracking reachable again; delivered %d buffered metric values", len(self._pending))
+            self._down_since = None
+            self._warned = False
+        self._pending.clear()
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if step > self.last_steps.get(key, -1):
+                self._pending.append(Metric(key, float(value), stamp, step))
+                self.last_steps[key] = step
+        self._flush()
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        try:
+            existing = self.client.get_run(self.run_id).data.params
+            new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+            for start in range(0, len(new), 100):
+                self.client.log_batch(self.run_id, params=new[start : start + 100])
+        except Exception as err:  # noqa: BLE001
+            self._note_down(err)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        try:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, v)
+        except Exception as err:  # noqa: BLE001
+            self._note_down(err)
+
+    def log_artifact(self, path: str | Path, *, artifact_path: str | None = None) -> None:
+        try:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        except Exception as err:  # noqa: BLE001
+            self._note_down(err)
+
+    def close(self) -> None:
+        self._flush(force=True)
+        if self._pending and self.fallback_dir is not None:
+            self.fallback_dir.mkdir(parents=True, exist_ok=True)
+            path = self.fallback_dir / f"mlflow-undelivered-{self.run_id}.jsonl"
+            with path.open("a") as f:
+                for m in self._pending:
+                    f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
+            logger.warning("%d metric values could not be delivered to MLflow; saved to %s", len(self._pending), path)
+            self._pending.clear()

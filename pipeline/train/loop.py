@@ -1,0 +1,253 @@
+"""The Ray Train worker: ``train_func(config)`` runs one training stage on one rank.
+
+Shape (Ray's own examples): typed config from the plain dict → dataset shard → model → DeepSpeed engine →
+resume from ``ray.train.get_checkpoint()`` → step loop → ``ray.train.report(metrics, checkpoint=...)``.
+Side work (logging, checkpoints, evaluation) runs on intervals, outside the step itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+import revcol
+from pipeline.config import Recipe, StageConfig
+from pipeline.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+from pipeline.train.ema import ShardedEma
+from pipeline.train.engine import Objective, build_engine, deepspeed_config
+from pipeline.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
+
+__all__ = ["StageJob", "train_func"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageJob:
+    """Everything a worker needs, as plain data (what Ray hands ``train_func``)."""
+
+    recipe: dict[str, Any]
+    stage: str
+    num_classes: int
+    train_samples: int
+    run_id: str | None = None
+    tracking_uri: str | None = None
+    init_weights: str | None = None
+    log_every: int = 10
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def resolved(self) -> tuple[Recipe, StageConfig]:
+        recipe = Recipe.model_validate(self.recipe)
+        return recipe, recipe.stage(self.stage)
+
+
+def _tracker(job: StageJob, rank: int, fallback_dir: Path) -> Any:
+    from pipeline.tracking import MLflowTracker, NullTracker
+
+    if rank != 0 or not job.run_id or not job.tracking_uri:
+        return NullTracker()
+    return MLflowTracker(job.tracking_uri, job.run_id, fallback_dir=fallback_dir)
+
+
+def _build(job: StageJob, stage: StageConfig) -> revcol.RevCol:
+    mc = stage.model
+    model = revcol.create_model(
+        mc.name,
+        num_classes=job.num_classes,
+        reversible=mc.reversible,
+        intersup=mc.intersup,
+        drop_path_rate=mc.drop_path_rate,
+        **({"head_init_scale": mc.head_init_scale} if mc.head_init_scale and not job.init_weights else {}),
+        **mc.overrides,
+    )
+    if job.init_weights:
+        from pipeline.train.weights import load_init_weights
+
+        load_init_weights(model, job.init_weights, head_init_scale=mc.head_init_scale)
+    return model
+
+
+def _mixup(stage: StageConfig, num_classes: int) -> Any:
+    reg = stage.regularize
+    if reg.mixup <= 0 and reg.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=reg.mixup,
+        cutmix_alpha=reg.cutmix,
+        prob=reg.mixup_prob,
+        switch_prob=reg.mixup_switch_prob,
+        label_smoothing=reg.label_smoothing,
+        num_classes=num_classes,
+    )
+
+
+def _evaluate(engine: Any, shard: Any, batch_size: int, dtype: torch.dtype) -> dict[str, float]:
+    """Top-1/top-5 over the whole validation set (every rank reads it; rank r takes batches r, r+W, …, and all
+    ranks run the same number of forwards — ZeRO-3 gathers parameters collectively)."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = list(shard.iter_torch_batches(batch_size=batch_size, drop_last=False))
+    rounds = math.ceil(len(batches) / world)
+    totals = torch.zeros(3 + 8, dtype=torch.float64)  # correct@1, correct@5, count, per-column correct@1 …
+    engine.eval()
+    with torch.no_grad():
+        for r in range(rounds):
+            i = r * world + rank
+            batch = batches[i] if i < len(batches) else batches[0]
+            labels = batch["label"].long()
+            _, logits = engine(batch["image"].to(dtype), labels)
+            if i >= len(batches):
+                continue  # a padding forward keeps ranks in step; it counts nothing
+            top5 = logits[-1].float().topk(min(5, logits[-1].shape[1]), dim=1).indices
+            totals[0] += (top5[:, 0] == labels).sum()
+            totals[1] += (top5 == labels[:, None]).any(1).sum()
+            totals[2] += len(labels)
+            for k, col in enumerate(logits[:8]):
+                totals[3 + k] += (col.argmax(1) == labels).sum()
+    engine.train()
+    dist.all_reduce(totals)
+    n = max(totals[2].item(), 1.0)
+    metrics = {"val/top1": totals[0].item() / n, "val/top5": totals[1].item() / n}
+    if len(logits) > 1:
+        metrics.update({f"val/top1_col{k}": totals[3 + k].item() / n for k in range(len(logits))})
+    return metrics
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """The per-worker training loop of one stage (Ray Train ``train_loop_per_worker``)."""
+    import ray.train
+
+    job = StageJob(**config)
+    recipe, stage = job.resolved()
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.manual_seed(stage.data.seed)  # identical initial weights on every rank
+
+    model = _build(job, stage)
+    cfg = revcol.model_cfg(stage.model.name)
+    objective = Objective(model, stage.regularize, mean=cfg["mean"], std=cfg["std"])
+    micro, accum = stage.data.batch_size, stage.deepspeed.grad_accum
+    global_batch = micro * world * accum
+    lr_factor = global_batch / 1024
+    optimizer = build_optimizer(
+        param_groups(model, stage.optim), stage.optim, lr=scaled_lr(stage.optim.base_lr, global_batch),
+        cpu_offload=stage.deepspeed.offload_optimizer != "none",
+    )
+    engine = build_engine(objective, optimizer, deepspeed_config(stage.deepspeed, micro_batch=micro))
+    batches_per_epoch = job.train_samples // world // micro  # equal split, drop_last
+    steps_per_epoch = max(1, batches_per_epoch // accum)
+    total_steps = math.ceil(stage.optim.epochs * steps_per_epoch)
+    if stage.optim.max_steps is not None:
+        total_steps = min(total_steps, stage.optim.max_steps)
+    scheduler = build_scheduler(
+        optimizer, stage.optim, total_steps=total_steps,
+        warmup_steps=round(stage.optim.warmup_epochs * steps_per_epoch), lr_factor=lr_factor,
+    )
+    ema = ShardedEma(model, stage.regularize.ema_decay) if stage.regularize.ema_decay else None
+    mixup = _mixup(stage, job.num_classes)
+
+    state = TrainerState(world_size=world, zero_stage=stage.deepspeed.zero_stage)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(engine, Path(folder), ema=ema)
+        logger.info("rank %d resumed at step %d (epoch %d)", rank, state.step, state.epoch)
+    scheduler.step_update(state.step)
+
+    scratch = Path(tempfile.mkdtemp(prefix="revcol-fallback-"))
+    tracker = _tracker(job, rank, scratch)
+    dtype = torch.float32
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if stage.data.val is not None else None
+    interval = stage.checkpoint.interval_steps
+    proc = psutil.Process()
+
+    def report(metrics: dict[str, float], *, export: bool = False) -> None:
+        with tempfile.TemporaryDirectory(prefix="revcol-ckpt-") as tmp:
+            save_checkpoint(engine, Path(tmp), state, ema=ema, export=export)
+            ray.train.report(
+                {**metrics, "step": state.step, "epoch": state.epoch},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            )
+
+    done = state.step >= total_steps
+    window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "samples": 0}
+    while not done:
+        skip = state.epoch_batches  # resuming mid-epoch: skip what was consumed before the checkpoint
+        batch_iter = iter(train_shard.iter_torch_batches(batch_size=micro, drop_last=True))
+        t_wait = time.perf_counter()
+        for index, batch in enumerate(batch_iter):
+            if index < skip:
+                t_wait = time.perf_counter()
+                continue
+            t_got = time.perf_counter()
+            images, labels = batch["image"].to(dtype), batch["label"].long()
+            targets = labels
+            if mixup is not None:
+                images, targets = mixup(images, labels)
+            loss, _ = engine(images, targets)
+            engine.backward(loss)
+            engine.step()
+            state.epoch_batches += 1
+            window["loss"] += loss.item()
+            window["n"] += 1
+            window["wait"] += t_got - t_wait
+            window["samples"] += len(labels) * world
+            window["time"] += time.perf_counter() - t_wait
+            if engine.is_gradient_accumulation_boundary():
+                state.step += 1
+                state.samples += global_batch
+                scheduler.step_update(state.step)
+                if ema is not None:
+                    ema.update()
+                if state.step % job.log_every == 0 or state.step == total_steps:
+                    grad_norm = engine.get_global_grad_norm()
+                    metrics = {
+                        "train/loss": window["loss"] / window["n"],
+                        "train/lr": max(g["lr"] for g in optimizer.param_groups),
+                        "train/samples_per_s": window["samples"] / max(window["time"], 1e-9),
+                        "data/stall_frac": window["wait"] / max(window["time"], 1e-9),
+                        "data/skipped": 0.0,
+                        "sys/rss_mb": proc.memory_info().rss / 2**20,
+                    }
+                    if grad_norm is not None:
+                        metrics["train/grad_norm"] = float(grad_norm)
+                    tracker.log_metrics(metrics, step=state.step)
+                    if rank == 0:
+                        logger.info(
+                            "%s step %d/%d epoch %d loss %.4f lr %.2e %.1f samples/s stall %.0f%%",
+                            stage.name, state.step, total_steps, state.epoch, metrics["train/loss"],
+                            metrics["train/lr"], metrics["train/samples_per_s"], 100 * metrics["data/stall_frac"],
+                        )
+                    window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "samples": 0}
+                if state.step >= total_steps:
+                    done = True
+                    break
+                if state.step % interval == 0:
+                    report({"train/loss": loss.item()})
+            t_wait = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if val_shard is not None:
+            metrics = _evaluate(engine, val_shard, micro, dtype)
+            tracker.log_metrics(metrics, step=state.step)
+            if rank == 0:
+                logger.info("%s epoch %d validation %s", stage.name, state.epoch, metrics)
+        if not done:
+            state.epoch += 1
+            state.epoch_batches = 0
+        report(metrics, export=done)
+    tracker.close()

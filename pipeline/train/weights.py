@@ -1,0 +1,57 @@
+"""Initializing a stage's model from an earlier stage's export (or a released checkpoint).
+
+The finetune recipe of the paper: load the pretrained weights, drop what does not apply — the intermediate-
+supervision heads and decoders when the finetune model has none, the classifier when the class count changes
+(re-initialized, scaled by ``head_init_scale``) — and keep the rest strictly. A different input resolution needs
+nothing: every weight is resolution-independent.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+import revcol
+
+__all__ = ["load_init_weights", "read_weights"]
+
+logger = logging.getLogger(__name__)
+
+
+def read_weights(uri: str) -> dict[str, torch.Tensor]:
+    """Weights from a ``.safetensors`` file, an export folder, or a released ``.pth`` checkpoint (local paths)."""
+    path = Path(uri)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.exists():
+        raise FileNotFoundError(f"init weights {uri!r} not found")
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    return revcol.official_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def load_init_weights(model: revcol.RevCol, uri: str, *, head_init_scale: float | None = None) -> None:
+    """Loads ``uri`` into ``model`` with the finetuning adaptations; raises naming any other mismatch."""
+    weights = read_weights(uri)
+    own = model.state_dict()
+    dropped = sorted(k for k in weights if k.startswith(("cls_blocks.", "decoder_blocks.")) and k not in own)
+    if dropped and "cls.classifier.1.weight" in own and "cls.classifier.1.weight" not in weights:
+        last = max(int(k.split(".")[1]) for k in weights if k.startswith("cls_blocks."))
+        for key in [k for k in weights if k.startswith(f"cls_blocks.{last}.")]:
+            weights[key.replace(f"cls_blocks.{last}.", "cls.", 1)] = weights[key]
+    weights = {k: v for k, v in weights.items() if k in own or not k.startswith(("cls_blocks.", "decoder_blocks."))}
+    head = [k for k in weights if k.startswith(("cls.", "cls_blocks.")) and k in own and weights[k].shape != own[k].shape]
+    if head:
+        for key in head:
+            del weights[key]
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or any(k not in head for k in missing):
+        raise ValueError(f"init weights {uri!r} do not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    if head:
+        model.reset_classifier(model.num_classes, head_init_scale=head_init_scale)
+        logger.info("classifier re-initialized for %d classes (scale %s)", model.num_classes, head_init_scale)
+    if dropped:
+        logger.info("dropped %d intermediate-supervision tensors the model does not use", len(dropped))
