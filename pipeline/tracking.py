@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["MemoryTracker", "MLflowTracker", "NullTracker", "Tracker", "flatten_params", "redact"]
+__all__ = ["MemoryTracker", "MLflowTracker", "NullTracker", "Tracker", "flatten_params", "redact", "start_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,9 @@ class MLflowTracker:
     def __init__(self, tracking_uri: str, run_id: str, *, fallback_dir: str | Path | None = None, retry_s: float = 10.0):
         from mlflow.tracking import MlflowClient
 
+        # MLflow's HTTP client retries for minutes by default; we buffer instead, so fail fast (unless set)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self.fallback_dir = Path(fallback_dir) if fallback_dir else None
@@ -206,3 +210,34 @@ class MLflowTracker:
                     f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
             logger.warning("%d metric values could not be delivered to MLflow; saved to %s", len(self._pending), path)
             self._pending.clear()
+
+
+def start_run(
+    tracking_uri: str,
+    experiment: str,
+    *,
+    run_name: str,
+    params: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Creates an MLflow run on the driver (before the trainers start) and returns its id.
+
+    Args:
+        tracking_uri: the tracking server or store.
+        experiment: experiment name (created if missing).
+        run_name: display name of the run.
+        params: a (nested) config; logged flattened, secrets removed.
+        tags: run tags.
+    """
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+    flat = flatten_params(params or {})
+    items = [Param(k, v) for k, v in flat.items()]
+    for start in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[start : start + 100])
+    return run.info.run_id

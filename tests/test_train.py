@@ -1,0 +1,146 @@
+"""The training stage on real components: a local Ray cluster (2 Ray Train workers), DeepSpeed engines, a real
+MLflow server and the real S3 server as checkpoint storage."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load
+from mlflow.tracking import MlflowClient
+
+import revcol
+from pipeline.config import parse_recipe
+from pipeline.demo import load_digits_split
+from pipeline.services import MLflowServer
+from pipeline.tracking import start_run
+from pipeline.train.launch import fit_stage, run_name
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
+             log_to_driver=True, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def digits(ray_cluster):
+    train_x, train_y, test_x, test_y = load_digits_split()
+
+    def rows(x, y):
+        return ray_cluster.data.from_items([{"image": x[i].numpy(), "label": int(y[i])} for i in range(len(y))])
+
+    return {"train": rows(train_x, train_y), "val": rows(test_x, test_y), "train_samples": len(train_y)}
+
+
+def _recipe(storage: str, *, name: str, workers: int = 2, **stage):
+    base = {
+        "kind": "pretrain",
+        "data": {"train": "in-memory", "val": "in-memory", "batch_size": 32},
+        "model": {"name": "revcol_test", "intersup": True, "drop_path_rate": 0.1},
+        "optim": {"base_lr": 0.03, "epochs": 1, "warmup_epochs": 0.2, "min_lr": 1e-4},
+        "checkpoint": {"interval_steps": 5, "keep": 2},
+    }
+    for key, value in stage.items():
+        base[key] = {**base.get(key, {}), **value}
+    return parse_recipe({"name": name, "storage_path": storage,
+                         "scaling": {"num_workers": workers, "cpus_per_worker": 0.5}, "stages": [base]})
+
+
+def _fit(recipe, digits, **kwargs):
+    stage = recipe.stages[0]
+    return fit_stage(recipe, stage, datasets={"train": digits["train"], "val": digits["val"]},
+                     train_samples=digits["train_samples"], num_classes=10, log_every=5, **kwargs)
+
+
+def _s3_objects(s3_server, bucket, prefix=""):
+    client = s3_server.client()
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+def test_zero3_stage_with_mlflow_server_and_s3_storage(digits, mlflow_server, s3_server, s3_bucket, s3_env):
+    secret = s3_env["AWS_SECRET_ACCESS_KEY"]
+    recipe = _recipe(f"s3://{s3_bucket}/runs", name="zero3", deepspeed={"zero_stage": 3},
+                     regularize={"ema_decay": 0.9, "mixup": 0.8, "cutmix": 1.0})
+    recipe = recipe.model_copy(update={"s3": recipe.s3.model_copy(update={"secret_access_key": secret})})
+    run_id = start_run(mlflow_server.tracking_uri, recipe.name, run_name="pretrain",
+                       params=recipe.model_dump(mode="json"), tags={"revcol.stage": "pretrain"})
+    result = _fit(recipe, digits, run_id=run_id, tracking_uri=mlflow_server.tracking_uri)
+    assert result.error is None
+    assert result.metrics["val/top1"] > 0.3  # ten classes, one epoch with mixup: well above chance (0.1)
+    assert {f"val/top1_col{k}" for k in range(4)} <= set(result.metrics)
+
+    client = MlflowClient(mlflow_server.tracking_uri)
+    run = client.get_run(run_id)
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "data/stall_frac", "val/top1"):
+        assert key in run.data.metrics, key
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert steps == sorted(set(steps)) and len(steps) >= 3
+    # no credentials in params/tags/artifacts
+    blob = json.dumps({**run.data.params, **run.data.tags})
+    assert secret not in blob and "s3.secret_access_key" in run.data.params
+
+    keys = _s3_objects(s3_server, s3_bucket, f"runs/{run_name(recipe, recipe.stages[0])}/")
+    exports = [k for k in keys if k.endswith("export/model.safetensors")]
+    assert exports and any(k.endswith("trainer_state.json") for k in keys)
+    assert any("zero_pp_rank_1" in k for k in keys)  # both ranks' ZeRO-3 shards made it into the checkpoint
+    body = s3_server.client().get_object(Bucket=s3_bucket, Key=exports[-1])["Body"].read()
+    model = revcol.create_model("revcol_test", num_classes=10, intersup=True)
+    model.load_state_dict(load(body))  # consolidated, loadable without DeepSpeed
+    body = s3_server.client().get_object(Bucket=s3_bucket, Key=exports[-1].replace("model.", "ema."))["Body"].read()
+    ema = load(body)
+    assert set(ema) == set(model.state_dict()) - {k for k, _ in model.named_buffers()}
+
+
+def test_resume_onto_fewer_workers(digits, tmp_path, caplog):
+    storage = str(tmp_path / "runs")
+    first = _fit(_recipe(storage, name="reshard", optim={"max_steps": 10}, deepspeed={"zero_stage": 2}), digits)
+    assert first.metrics["step"] == 10
+    # same run name, one worker, longer: resumes from step 10 with consolidated weights
+    recipe = _recipe(storage, name="reshard", workers=1, optim={"max_steps": 14}, deepspeed={"zero_stage": 2})
+    second = _fit(recipe, digits)
+    assert second.error is None and second.metrics["step"] == 14
+    state = json.loads((second.checkpoint.path and open(f"{second.checkpoint.path}/trainer_state.json").read()))
+    assert state["world_size"] == 1 and state["step"] == 14
+
+
+def test_mlflow_outage_buffers_and_delivers(digits, s3_server, tmp_path, capfd):
+    server = MLflowServer(s3_server, tmp_path / "mlflow", bucket="outage").start()
+    port = server.port
+    run_id = start_run(server.tracking_uri, "outage", run_name="pretrain")
+    recipe = _recipe(str(tmp_path / "runs"), name="outage", optim={"epochs": 3})
+    box = {}
+    thread = threading.Thread(target=lambda: box.update(result=_fit(recipe, digits, run_id=run_id,
+                                                                     tracking_uri=server.tracking_uri)))
+    thread.start()
+    client = MlflowClient(server.tracking_uri)
+    deadline = time.time() + 300
+    while time.time() < deadline and not client.get_metric_history(run_id, "train/loss"):
+        time.sleep(1)
+    server.stop()  # the tracking server goes away mid-run
+    time.sleep(15)
+    server = MLflowServer(s3_server, tmp_path / "mlflow", bucket="outage", port=port).start()
+    thread.join(timeout=600)
+    server_uri = server.tracking_uri
+    try:
+        assert box["result"].error is None
+        history = [m.step for m in MlflowClient(server_uri).get_metric_history(run_id, "train/loss")]
+        assert history == sorted(set(history)), history  # no step twice
+        total = box["result"].metrics["step"]
+        assert history[-1] == total and set(range(5, total + 1, 5)) <= set(history)  # nothing lost
+        logs = "".join(capfd.readouterr())
+        assert "MLflow tracking unreachable" in logs and "reachable again" in logs  # the outage really happened
+    finally:
+        server.stop()
