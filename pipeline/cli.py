@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan; take no resources")
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=_cmd_run)
+
+    # Subcommands that live in their own modules register themselves here: each module has
+    # `add_parser(subparsers)` which adds its parser and sets `func`. One line per module, in this block.
+    # --- module subcommands ---
     return parser
 
 

@@ -107,6 +107,9 @@ class DataConfig(_Section):
     """Eval centre-crop fraction; defaults to the model cfg."""
     max_skipped_frac: float = Field(default=0.01, ge=0, le=1)
     """Fraction of undecodable/missing samples tolerated before the run stops naming the bad shards."""
+    deterministic: bool = True
+    """Keep the seeded order end to end (Ray Data ``preserve_order``): each rank's batches are then a function of
+    (seed, epoch, number of workers). False lets decoded blocks flow in completion order instead."""
 
 
 class ModelConfig(_Section):

@@ -46,3 +46,17 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> dict[str, st
     for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_MAX_ATTEMPTS"):
         monkeypatch.delenv(key, raising=False)
     return env
+
+
+@pytest.fixture(scope="session")
+def s3_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A second local S3 server that checks credentials (moto's IAM auth): only its readiness probe goes
+    through unauthenticated, every later request with unknown keys is rejected. For bad-credential tests."""
+    server = S3Server(log_dir=tmp_path_factory.mktemp("s3-auth-server"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "1")  # read by moto_server at start
+        server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
