@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Subcommands that live in their own modules register themselves here: each module has
     # `add_parser(subparsers)` which adds its parser and sets `func`. One line per module, in this block.
     # --- module subcommands ---
+    from pipeline import compare; compare.add_parser(sub)  # noqa: E702
     return parser
 
 

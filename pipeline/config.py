@@ -48,8 +48,9 @@ class _Section(BaseModel):
 
 
 class TrackingConfig(_Section):
-    uri: str = "mlruns"
-    """MLflow tracking URI: a local folder (``mlruns``), ``sqlite:///file.db`` or ``http://host:5000``."""
+    uri: str = "sqlite:///mlflow.db"
+    """MLflow tracking URI: a local database (``sqlite:///mlflow.db``) or a server (``http://host:5000``).
+    MLflow 3 refuses plain-folder stores (``mlruns``)."""
     experiment: str | None = None
     """MLflow experiment name; defaults to the recipe ``name``."""
 
