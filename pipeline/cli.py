@@ -24,7 +24,7 @@ def _print_json(obj: Any) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
-    result = run_demo(workdir=args.workdir, epochs=args.epochs, seed=args.seed)
+    result = run_demo(workdir=args.workdir, overrides=args.set, seed=args.seed, progress=not args.json)
     if args.json:
         _print_json(result)
     return 0
@@ -76,19 +76,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    if args.stages:
-        wanted = [s.strip() for s in args.stages.split(",") if s.strip()]
-        unknown = [s for s in wanted if s not in [st.name for st in recipe.stages]]
-        if unknown:
-            raise SystemExit(f"--stages: unknown stage(s) {unknown}; recipe has {[s.name for s in recipe.stages]}")
+    wanted = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    unknown = [s for s in wanted or [] if s not in [st.name for st in recipe.stages]]
+    if unknown:
+        raise ValueError(f"--stages: unknown stage(s) {unknown}; recipe has {[s.name for s in recipe.stages]}")
     if args.dry_run:
-        plan = {"recipe": recipe.name, "stages": [s.name for s in recipe.stages], "valid": True}
+        from pipeline.stages import plan_pipeline
+
+        plan = plan_pipeline(recipe, stages=wanted)
         if args.json:
-            _print_json(plan)
+            _print_json({**plan, "valid": True})
         else:
-            print(f"recipe {recipe.name!r} is valid; stages: {', '.join(plan['stages'])}")
+            print(f"recipe {recipe.name!r} is valid; storage {recipe.storage_path}; tracking {recipe.tracking.uri}")
+            for st in plan["stages"]:
+                print("  " + ", ".join(f"{k}={v}" for k, v in st.items()))
         return 0
-    raise SystemExit("revcol run: executing stages is not available yet in this version (use --dry-run)")
+    from dataclasses import asdict
+
+    from pipeline.stages import run_pipeline
+
+    outcomes = run_pipeline(recipe, stages=wanted)
+    for o in outcomes:
+        top1 = o.metrics.get("val/top1")
+        print(f"{o.stage:<12} {o.status:<9} run {o.run_id}  top-1 {'-' if top1 is None else f'{top1:.4f}'}")
+    if args.json:
+        _print_json({"recipe": recipe.name, "stages": {o.stage: asdict(o) for o in outcomes}})
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,10 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="the embedded default: train a small RevCol on scikit-learn's digits")
+    demo = sub.add_parser("demo", help="the embedded default: pretrain → finetune → eval on scikit-learn's digits")
     demo.add_argument("--workdir", default="runs/demo", help="where outputs go (default: runs/demo)")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo's own)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a key of jobs/demo_digits.yaml (e.g. stages.pretrain.optim.epochs=1)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data split")
     demo.add_argument("--json", action="store_true", help="print one JSON summary object last")
     demo.set_defaults(func=_cmd_demo)
 
@@ -136,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     # `add_parser(subparsers)` which adds its parser and sets `func`. One line per module, in this block.
     # --- module subcommands ---
     from pipeline import compare; compare.add_parser(sub)  # noqa: E702
+    from pipeline import plan; plan.add_parser(sub)  # noqa: E702
     return parser
 
 

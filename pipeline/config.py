@@ -79,6 +79,9 @@ class ScalingConfig(_Section):
     """GPUs per worker when ``use_gpu`` is set."""
     memory_per_worker_gb: float | None = Field(default=None, gt=0)
     """Memory reserved per worker, GiB (Ray resource); None reserves nothing."""
+    gpu_memory_gb: float | None = Field(default=None, gt=0)
+    """GPU memory per worker, GiB, that the recipe is sized for (``revcol plan`` checks against it; not a Ray
+    resource). None: ``revcol plan`` assumes 80."""
     data_cpus: float = Field(default=1.0, gt=0)
     """CPU budget for the Ray Data decode/augment tasks, separate from the trainers."""
     max_failures: int = Field(default=0, ge=-1)
@@ -106,11 +109,23 @@ class DataConfig(_Section):
     """Colour jitter strength (used when ``auto_augment`` is None)."""
     crop_pct: float | None = Field(default=None, gt=0, le=1)
     """Eval centre-crop fraction; defaults to the model cfg."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Area range of the training RandomResizedCrop (the paper's (0.08, 1))."""
+    hflip: float = Field(default=0.5, ge=0, le=1)
+    """Horizontal-flip probability in training (0 for data where mirroring changes the class, e.g. digits)."""
     max_skipped_frac: float = Field(default=0.01, ge=0, le=1)
     """Fraction of undecodable/missing samples tolerated before the run stops naming the bad shards."""
     deterministic: bool = True
     """Keep the seeded order end to end (Ray Data ``preserve_order``): each rank's batches are then a function of
     (seed, epoch, number of workers). False lets decoded blocks flow in completion order instead."""
+
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_scale_range(cls, scale: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {scale}")
+        return scale
 
 
 class ModelConfig(_Section):
@@ -234,7 +249,9 @@ class CheckpointConfig(_Section):
     interval_steps: int = Field(default=500, ge=1)
     """Save every N optimizer steps (and at the end of each epoch)."""
     keep: int = Field(default=2, ge=1)
-    """Keep the last K checkpoints (plus the best by val/top1)."""
+    """Keep the last K checkpoints."""
+    val_interval_epochs: int = Field(default=1, ge=1)
+    """Validate (``data.val``) every N epochs, and always at the end."""
 
 
 class StageConfig(_Section):

@@ -5,8 +5,8 @@ Only rank 0 logs (the gating is here, not at call sites). The MLflow tracker
 * never logs a metric step twice: on start it reads, per metric, the last step already logged to the run (a
   restarted worker resumes from a checkpoint *before* that step) and drops steps up to it;
 * keeps training going when the tracking server is unreachable: metrics are buffered, a warning is printed once,
-  and delivery is retried; whatever is still undelivered at ``close()`` is written to a local JSONL fallback file
-  next to the run's checkpoints, and uploaded as an artifact if the server is back by then;
+  and delivery is retried; whatever is still undelivered when training ends is written to a JSONL file in the
+  run's storage folder, and the driver replays it into the run as soon as the server answers again;
 * logs params as the flattened resolved recipe with secrets removed.
 """
 
@@ -38,7 +38,7 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: str | Path, *, artifact_path: str | None = None) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, *, timeout: float = 30.0) -> bool: ...
 
 
 class NullTracker:
@@ -56,8 +56,8 @@ class NullTracker:
     def log_artifact(self, path: str | Path, *, artifact_path: str | None = None) -> None:
         pass
 
-    def close(self) -> None:
-        pass
+    def close(self, *, timeout: float = 0.0) -> bool:
+        return True
 
 
 class MemoryTracker(NullTracker):
@@ -200,16 +200,30 @@ class MLflowTracker:
         except Exception as err:  # noqa: BLE001
             self._note_down(err)
 
-    def close(self) -> None:
+    def close(self, *, timeout: float = 30.0) -> bool:
+        """Delivers what is buffered, retrying for up to ``timeout`` seconds; what is still undelivered then is
+        written to ``fallback_dir`` (see :attr:`fallback_path`). Returns whether everything was delivered."""
+        deadline = time.monotonic() + timeout
         self._flush(force=True)
-        if self._pending and self.fallback_dir is not None:
+        while self._pending and time.monotonic() < deadline:
+            time.sleep(min(3.0, max(0.0, deadline - time.monotonic())))
+            self._flush(force=True)
+        if not self._pending:
+            return True
+        if self.fallback_dir is not None:
             self.fallback_dir.mkdir(parents=True, exist_ok=True)
-            path = self.fallback_dir / f"mlflow-undelivered-{self.run_id}.jsonl"
-            with path.open("a") as f:
+            with self.fallback_path.open("a") as f:
                 for m in self._pending:
                     f.write(json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step}) + "\n")
-            logger.warning("%d metric values could not be delivered to MLflow; saved to %s", len(self._pending), path)
-            self._pending.clear()
+            logger.warning("%d metric values could not be delivered to MLflow; saved to %s", len(self._pending),
+                           self.fallback_path)
+        self._pending.clear()
+        return False
+
+    @property
+    def fallback_path(self) -> Path:
+        """Where undelivered metrics are saved (``fallback_dir/mlflow-undelivered-{run_id}.jsonl``)."""
+        return Path(self.fallback_dir or ".") / f"mlflow-undelivered-{self.run_id}.jsonl"
 
 
 def start_run(

@@ -1,4 +1,5 @@
-"""The embedded default runs end to end through the CLI on the bundled digits."""
+"""The embedded default end to end: digits → shards → pretrain → finetune / scratch → eval on a local Ray cluster
+with 2 DeepSpeed workers and a local MLflow store — the chain, its lineage, idempotent re-runs, the dry run."""
 
 from __future__ import annotations
 
@@ -6,19 +7,95 @@ import json
 import subprocess
 import sys
 
+import pytest
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 import revcol
 
+pytestmark = pytest.mark.slow
 
-def test_demo_cli_trains_and_exports(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "demo", "--epochs", "3", "--workdir", str(tmp_path), "--json"],
-        capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert summary["test_samples"] == 449 and summary["train_samples"] == 1348
-    assert summary["test_top1"] > 0.5  # ten classes: chance is 0.1
+REDUCED = [  # a few steps per stage: the test checks the chain, not the accuracy target of the full demo
+    "stages.pretrain.optim.epochs=1",
+    "stages.finetune.optim.epochs=3",
+    "stages.scratch.optim.epochs=1",
+    "stages.pretrain.checkpoint.interval_steps=10",
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    cmd = [sys.executable, "-m", "pipeline", "demo", "--workdir", str(workdir), "--json"]
+    for item in REDUCED:
+        cmd += ["--set", item]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return {
+        "workdir": workdir,
+        "first": json.loads(first.stdout.strip().splitlines()[-1]),
+        "first_out": first.stdout,
+        "second": json.loads(second.stdout.strip().splitlines()[-1]),
+    }
+
+
+def test_chain_runs_every_stage_and_learns(demo):
+    stages = demo["first"]["stages"]
+    assert list(stages) == ["pretrain", "finetune", "scratch", "eval"]
+    assert all(s["status"] == "FINISHED" for s in stages.values())
+    assert stages["eval"]["top1"] > 0.5  # ten digits: chance is 0.1
+    assert stages["eval"]["metrics"]["val/top5"] >= stages["eval"]["top1"]
+    assert "pretraining gain on held-out digits" in demo["first_out"]
+    assert "mlflow ui --backend-store-uri sqlite:///" in demo["first_out"]
+
+
+def test_lineage_is_recorded_in_mlflow(demo):
+    summary = demo["first"]
+    client = MlflowClient(summary["tracking_uri"])
+    runs = {name: client.get_run(s["run_id"]) for name, s in summary["stages"].items()}
+    parent = {r.data.tags["mlflow.parentRunId"] for r in runs.values()}
+    assert len(parent) == 1  # one parent run per pipeline execution
+    assert all(r.data.tags["revcol.stage"] == name for name, r in runs.items())
+    pretrain_export = runs["pretrain"].data.tags["revcol.export_uri"]
+    assert runs["finetune"].data.tags["revcol.init_from"] == pretrain_export
+    assert runs["finetune"].data.tags["revcol.init_from_run"] == runs["pretrain"].info.run_id
+    assert runs["eval"].data.tags["revcol.init_from"] == runs["finetune"].data.tags["revcol.export_uri"]
+    assert "revcol.init_from" not in runs["scratch"].data.tags
+    # the finetune export is a plain 10-class model; pretrain's has the 40-class intersup heads
     model = revcol.create_model("revcol_test", num_classes=10)
-    model.load_state_dict(load_file(summary["weights"]))  # the export loads without the pipeline
+    model.load_state_dict(load_file(runs["finetune"].data.tags["revcol.export_uri"]))
+    assert load_file(pretrain_export)["cls_blocks.3.classifier.1.weight"].shape[0] == 40
+    artifacts = [a.path for a in client.list_artifacts(runs["eval"].info.run_id)]
+    assert "eval_results.json" in artifacts
+    for key in ("train/loss", "train/lr", "train/samples_per_s", "data/stall_frac"):
+        assert key in runs["pretrain"].data.metrics
+
+
+def test_rerun_is_idempotent(demo):
+    first, second = demo["first"]["stages"], demo["second"]["stages"]
+    assert all(s["status"] == "SKIPPED" for s in second.values())
+    assert {k: v["run_id"] for k, v in first.items()} == {k: v["run_id"] for k, v in second.items()}
+    client = MlflowClient(demo["first"]["tracking_uri"])
+    experiment = client.get_experiment_by_name("demo_digits")
+    assert len(client.search_runs([experiment.experiment_id])) == 5  # one parent + four stages, not duplicated
+
+
+def test_dry_run_validates_without_cluster(demo):
+    workdir = demo["workdir"]
+    from pipeline.demo import _overrides
+
+    cmd = [sys.executable, "-m", "pipeline", "run", "jobs/demo_digits.yaml", "--dry-run", "--json"]
+    for item in _overrides(workdir):
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    stages = {s["stage"]: s for s in plan["stages"]}
+    assert stages["pretrain"]["train_classes"] == 40 and stages["finetune"]["train_classes"] == 10
+    assert all(s["finished_before"] for s in stages.values())
+    assert "Started a local Ray instance" not in proc.stderr + proc.stdout
+    bad = subprocess.run([*cmd, "--set", f"stages.finetune.data.train={workdir}/nowhere"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "nowhere" in bad.stderr

@@ -3,20 +3,17 @@ MLflow server and the real S3 server as checkpoint storage."""
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 import time
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load
 from mlflow.tracking import MlflowClient
 
 import revcol
-from pipeline.config import parse_recipe
-from pipeline.demo import load_digits_split
+from pipeline.config import DataConfig, parse_recipe
 from pipeline.services import MLflowServer
 from pipeline.tracking import start_run
 from pipeline.train.launch import fit_stage, run_name
@@ -35,19 +32,29 @@ def ray_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def digits(ray_cluster):
-    train_x, train_y, test_x, test_y = load_digits_split()
+def digits(ray_cluster, tmp_path_factory):
+    """Digits as shards (train/test splits) and their streams, as a stage builds them."""
+    from pipeline.data.shards import write_shards
+    from pipeline.data.stream import build_eval_dataset, build_train_dataset
 
-    def rows(x, y):
-        return ray_cluster.data.from_items([{"image": x[i].numpy(), "label": int(y[i])} for i in range(len(y))])
+    root = tmp_path_factory.mktemp("digits")
+    counts = {split: write_shards("digits", str(root / split), shard_size=200, split=split, progress=False)["num_samples"]
+              for split in ("train", "test")}
+    data = DataConfig(train=str(root / "train"), val=str(root / "test"), batch_size=32, image_size=32,
+                      auto_augment=None, random_erasing=0.0, shuffle_buffer=64)
 
-    return {"train": rows(train_x, train_y), "val": rows(test_x, test_y), "train_samples": len(train_y)}
+    def datasets(workers: int = 2):
+        return {"train": build_train_dataset(data, model_name="revcol_test", data_cpus=1.0),
+                "val": build_eval_dataset(data, model_name="revcol_test", num_splits=workers, batch_size=32,
+                                          data_cpus=1.0)}
+
+    return {"data": data.model_dump(), "datasets": datasets, "train_samples": counts["train"]}
 
 
-def _recipe(storage: str, *, name: str, workers: int = 2, **stage):
+def _recipe(digits, storage: str, *, name: str, workers: int = 2, **stage):
     base = {
         "kind": "pretrain",
-        "data": {"train": "in-memory", "val": "in-memory", "batch_size": 32},
+        "data": digits["data"],
         "model": {"name": "revcol_test", "intersup": True, "drop_path_rate": 0.1},
         "optim": {"base_lr": 0.03, "epochs": 1, "warmup_epochs": 0.2, "min_lr": 1e-4},
         "checkpoint": {"interval_steps": 5, "keep": 2},
@@ -60,7 +67,7 @@ def _recipe(storage: str, *, name: str, workers: int = 2, **stage):
 
 def _fit(recipe, digits, **kwargs):
     stage = recipe.stages[0]
-    return fit_stage(recipe, stage, datasets={"train": digits["train"], "val": digits["val"]},
+    return fit_stage(recipe, stage, datasets=digits["datasets"](recipe.scaling.num_workers),
                      train_samples=digits["train_samples"], num_classes=10, log_every=5, **kwargs)
 
 
@@ -72,7 +79,7 @@ def _s3_objects(s3_server, bucket, prefix=""):
 
 def test_zero3_stage_with_mlflow_server_and_s3_storage(digits, mlflow_server, s3_server, s3_bucket, s3_env):
     secret = s3_env["AWS_SECRET_ACCESS_KEY"]
-    recipe = _recipe(f"s3://{s3_bucket}/runs", name="zero3", deepspeed={"zero_stage": 3},
+    recipe = _recipe(digits, f"s3://{s3_bucket}/runs", name="zero3", deepspeed={"zero_stage": 3},
                      regularize={"ema_decay": 0.9, "mixup": 0.8, "cutmix": 1.0})
     recipe = recipe.model_copy(update={"s3": recipe.s3.model_copy(update={"secret_access_key": secret})})
     run_id = start_run(mlflow_server.tracking_uri, recipe.name, run_name="pretrain",
@@ -106,10 +113,10 @@ def test_zero3_stage_with_mlflow_server_and_s3_storage(digits, mlflow_server, s3
 
 def test_resume_onto_fewer_workers(digits, tmp_path, caplog):
     storage = str(tmp_path / "runs")
-    first = _fit(_recipe(storage, name="reshard", optim={"max_steps": 10}, deepspeed={"zero_stage": 2}), digits)
+    first = _fit(_recipe(digits, storage, name="reshard", optim={"max_steps": 10}, deepspeed={"zero_stage": 2}), digits)
     assert first.metrics["step"] == 10
     # same run name, one worker, longer: resumes from step 10 with consolidated weights
-    recipe = _recipe(storage, name="reshard", workers=1, optim={"max_steps": 14}, deepspeed={"zero_stage": 2})
+    recipe = _recipe(digits, storage, name="reshard", workers=1, optim={"max_steps": 14}, deepspeed={"zero_stage": 2})
     second = _fit(recipe, digits)
     assert second.error is None and second.metrics["step"] == 14
     state = json.loads((second.checkpoint.path and open(f"{second.checkpoint.path}/trainer_state.json").read()))
@@ -120,7 +127,7 @@ def test_mlflow_outage_buffers_and_delivers(digits, s3_server, tmp_path, capfd):
     server = MLflowServer(s3_server, tmp_path / "mlflow", bucket="outage").start()
     port = server.port
     run_id = start_run(server.tracking_uri, "outage", run_name="pretrain")
-    recipe = _recipe(str(tmp_path / "runs"), name="outage", optim={"epochs": 3})
+    recipe = _recipe(digits, str(tmp_path / "runs"), name="outage", optim={"epochs": 3})
     box = {}
     thread = threading.Thread(target=lambda: box.update(result=_fit(recipe, digits, run_id=run_id,
                                                                      tracking_uri=server.tracking_uri)))

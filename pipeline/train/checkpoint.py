@@ -47,8 +47,6 @@ class TrainerState:
     """Optimizer steps done."""
     epoch: int = 0
     """Current epoch (0-based)."""
-    epoch_batches: int = 0
-    """Micro-batches consumed by each rank in the current epoch."""
     samples: int = 0
     """Training samples consumed (global)."""
     world_size: int = 1

@@ -9,7 +9,7 @@ from typing import Any
 from pipeline.config import Recipe, StageConfig
 from pipeline.train.loop import StageJob, train_func
 
-__all__ = ["fit_stage", "run_name", "storage"]
+__all__ = ["fit_stage", "read_storage", "run_name", "storage", "write_storage"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,41 @@ def storage(recipe: Recipe) -> tuple[str, Any]:
     return recipe.storage_path.removeprefix("s3://"), fs
 
 
+def _storage_file(recipe: Recipe, stage: StageConfig, name: str) -> tuple[str, Any]:
+    path, fs = storage(recipe)
+    return f"{path}/{run_name(recipe, stage)}/{name}", fs
+
+
+def write_storage(recipe: Recipe, stage: StageConfig, name: str, data: bytes) -> str:
+    """Writes a small file into the stage's run folder in storage (local or S3); returns its URI."""
+    path, fs = _storage_file(recipe, stage, name)
+    if fs is None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(data)
+        return path
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+    return f"s3://{path}"
+
+
+def read_storage(recipe: Recipe, stage: StageConfig, name: str, *, delete: bool = False) -> bytes | None:
+    """Reads a file of the stage's run folder in storage; None when it does not exist."""
+    path, fs = _storage_file(recipe, stage, name)
+    try:
+        if fs is None:
+            data = Path(path).read_bytes()
+            if delete:
+                Path(path).unlink()
+            return data
+        with fs.open_input_stream(path) as f:
+            data = f.read()
+        if delete:
+            fs.delete_file(path)
+        return data
+    except (FileNotFoundError, OSError):
+        return None
+
+
 def fit_stage(
     recipe: Recipe,
     stage: StageConfig,
@@ -60,6 +95,8 @@ def fit_stage(
     """
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from pipeline.data.stream import train_data_config
 
     sc = recipe.scaling
     resources = {"CPU": sc.cpus_per_worker}
@@ -92,6 +129,30 @@ def fit_stage(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=stage.checkpoint.keep),
         ),
         datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=train_data_config(datasets),
     )
-    return trainer.fit()
+    result = trainer.fit()
+    if run_id and tracking_uri:
+        _deliver_undelivered_metrics(recipe, stage, run_id, tracking_uri)
+    return result
+
+
+def _deliver_undelivered_metrics(recipe: Recipe, stage: StageConfig, run_id: str, tracking_uri: str) -> None:
+    """Replays metrics a worker could not deliver during an MLflow outage (saved to storage) into the run."""
+    import json
+
+    from pipeline.tracking import MLflowTracker
+
+    name = f"mlflow-undelivered-{run_id}.jsonl"
+    data = read_storage(recipe, stage, name)
+    if not data:
+        return
+    tracker = MLflowTracker(tracking_uri, run_id)
+    rows = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    for row in rows:
+        tracker.log_metrics({row["key"]: row["value"]}, step=row["step"])
+    if tracker.close(timeout=30.0):
+        read_storage(recipe, stage, name, delete=True)
+        logger.info("delivered %d metric values saved during an MLflow outage", len(rows))
+    else:
+        logger.warning("MLflow still unreachable; undelivered metrics stay in storage: %s", name)

@@ -20,6 +20,7 @@ import torch
 
 import revcol
 from pipeline.config import Recipe, StageConfig
+from pipeline.data.stream import StreamPosition, iter_train_batches, skipped_counts
 from pipeline.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from pipeline.train.ema import ShardedEma
 from pipeline.train.engine import Objective, build_engine, deepspeed_config
@@ -59,7 +60,7 @@ def _tracker(job: StageJob, rank: int, fallback_dir: Path) -> Any:
     return MLflowTracker(job.tracking_uri, job.run_id, fallback_dir=fallback_dir)
 
 
-def _build(job: StageJob, stage: StageConfig) -> revcol.RevCol:
+def _build(job: StageJob, recipe: Recipe, stage: StageConfig) -> revcol.RevCol:
     mc = stage.model
     model = revcol.create_model(
         mc.name,
@@ -73,7 +74,7 @@ def _build(job: StageJob, stage: StageConfig) -> revcol.RevCol:
     if job.init_weights:
         from pipeline.train.weights import load_init_weights
 
-        load_init_weights(model, job.init_weights, head_init_scale=mc.head_init_scale)
+        load_init_weights(model, job.init_weights, head_init_scale=mc.head_init_scale, s3_cfg=recipe.s3)
     return model
 
 
@@ -93,37 +94,45 @@ def _mixup(stage: StageConfig, num_classes: int) -> Any:
     )
 
 
-def _evaluate(engine: Any, shard: Any, batch_size: int, dtype: torch.dtype) -> dict[str, float]:
-    """Top-1/top-5 over the whole validation set (every rank reads it; rank r takes batches r, r+W, …, and all
-    ranks run the same number of forwards — ZeRO-3 gathers parameters collectively)."""
+def _evaluate(engine: Any, shard: Any, batch_size: int) -> dict[str, float]:
+    """Top-1/top-5 (and per column) over the validation stream: every sample once, every rank the same number
+    of forwards (ZeRO-3 gathers parameters collectively), padding and bad rows masked out."""
     import torch.distributed as dist
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    batches = list(shard.iter_torch_batches(batch_size=batch_size, drop_last=False))
-    rounds = math.ceil(len(batches) / world)
+    from pipeline.data.stream import iter_eval_batches
+
     totals = torch.zeros(3 + 8, dtype=torch.float64)  # correct@1, correct@5, count, per-column correct@1 …
+    columns = 1
     engine.eval()
     with torch.no_grad():
-        for r in range(rounds):
-            i = r * world + rank
-            batch = batches[i] if i < len(batches) else batches[0]
-            labels = batch["label"].long()
-            _, logits = engine(batch["image"].to(dtype), labels)
-            if i >= len(batches):
-                continue  # a padding forward keeps ranks in step; it counts nothing
+        for batch in iter_eval_batches(shard, batch_size=batch_size):
+            labels, valid = batch["label"].long(), batch["valid"].bool()
+            _, logits = engine(batch["image"], labels.clamp_min(0))
+            columns = len(logits)
             top5 = logits[-1].float().topk(min(5, logits[-1].shape[1]), dim=1).indices
-            totals[0] += (top5[:, 0] == labels).sum()
-            totals[1] += (top5 == labels[:, None]).any(1).sum()
-            totals[2] += len(labels)
+            totals[0] += ((top5[:, 0] == labels) & valid).sum()
+            totals[1] += ((top5 == labels[:, None]).any(1) & valid).sum()
+            totals[2] += valid.sum()
             for k, col in enumerate(logits[:8]):
-                totals[3 + k] += (col.argmax(1) == labels).sum()
+                totals[3 + k] += ((col.argmax(1) == labels) & valid).sum()
     engine.train()
     dist.all_reduce(totals)
     n = max(totals[2].item(), 1.0)
     metrics = {"val/top1": totals[0].item() / n, "val/top5": totals[1].item() / n}
-    if len(logits) > 1:
-        metrics.update({f"val/top1_col{k}": totals[3 + k].item() / n for k in range(len(logits))})
+    if columns > 1:
+        metrics.update({f"val/top1_col{k}": totals[3 + k].item() / n for k in range(columns)})
     return metrics
+
+
+def _merged_position(position: Any) -> dict[str, Any]:
+    """The union of every rank's consumed samples (a collective: all ranks call it at the same step)."""
+    import torch.distributed as dist
+
+    from pipeline.data.stream import StreamPosition
+
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, position.state_dict())
+    return StreamPosition.merged(states).state_dict()
 
 
 def train_func(config: dict[str, Any]) -> None:
@@ -137,7 +146,7 @@ def train_func(config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.manual_seed(stage.data.seed)  # identical initial weights on every rank
 
-    model = _build(job, stage)
+    model = _build(job, recipe, stage)
     cfg = revcol.model_cfg(stage.model.name)
     objective = Objective(model, stage.regularize, mean=cfg["mean"], std=cfg["std"])
     micro, accum = stage.data.batch_size, stage.deepspeed.grad_accum
@@ -161,22 +170,27 @@ def train_func(config: dict[str, Any]) -> None:
     mixup = _mixup(stage, job.num_classes)
 
     state = TrainerState(world_size=world, zero_stage=stage.deepspeed.zero_stage)
+    position = StreamPosition()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(engine, Path(folder), ema=ema)
-        logger.info("rank %d resumed at step %d (epoch %d)", rank, state.step, state.epoch)
+        if state.stream:
+            position = StreamPosition.from_state_dict(state.stream)
+        logger.info("rank %d resumed at step %d (epoch %d, %d samples of it consumed)", rank, state.step,
+                    state.epoch, position.num_consumed)
     scheduler.step_update(state.step)
 
     scratch = Path(tempfile.mkdtemp(prefix="revcol-fallback-"))
     tracker = _tracker(job, rank, scratch)
-    dtype = torch.float32
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if stage.data.val is not None else None
     interval = stage.checkpoint.interval_steps
     proc = psutil.Process()
 
     def report(metrics: dict[str, float], *, export: bool = False) -> None:
+        state.stream = _merged_position(position)
+        state.epoch = position.epoch or 0
         with tempfile.TemporaryDirectory(prefix="revcol-ckpt-") as tmp:
             save_checkpoint(engine, Path(tmp), state, ema=ema, export=export)
             ray.train.report(
@@ -187,22 +201,16 @@ def train_func(config: dict[str, Any]) -> None:
     done = state.step >= total_steps
     window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "samples": 0}
     while not done:
-        skip = state.epoch_batches  # resuming mid-epoch: skip what was consumed before the checkpoint
-        batch_iter = iter(train_shard.iter_torch_batches(batch_size=micro, drop_last=True))
         t_wait = time.perf_counter()
-        for index, batch in enumerate(batch_iter):
-            if index < skip:
-                t_wait = time.perf_counter()
-                continue
+        for batch in iter_train_batches(train_shard, batch_size=micro, position=position):
             t_got = time.perf_counter()
-            images, labels = batch["image"].to(dtype), batch["label"].long()
+            images, labels = batch["image"], batch["label"].long()
             targets = labels
             if mixup is not None:
                 images, targets = mixup(images, labels)
             loss, _ = engine(images, targets)
             engine.backward(loss)
             engine.step()
-            state.epoch_batches += 1
             window["loss"] += loss.item()
             window["n"] += 1
             window["wait"] += t_got - t_wait
@@ -215,24 +223,8 @@ def train_func(config: dict[str, Any]) -> None:
                 if ema is not None:
                     ema.update()
                 if state.step % job.log_every == 0 or state.step == total_steps:
-                    grad_norm = engine.get_global_grad_norm()
-                    metrics = {
-                        "train/loss": window["loss"] / window["n"],
-                        "train/lr": max(g["lr"] for g in optimizer.param_groups),
-                        "train/samples_per_s": window["samples"] / max(window["time"], 1e-9),
-                        "data/stall_frac": window["wait"] / max(window["time"], 1e-9),
-                        "data/skipped": 0.0,
-                        "sys/rss_mb": proc.memory_info().rss / 2**20,
-                    }
-                    if grad_norm is not None:
-                        metrics["train/grad_norm"] = float(grad_norm)
-                    tracker.log_metrics(metrics, step=state.step)
-                    if rank == 0:
-                        logger.info(
-                            "%s step %d/%d epoch %d loss %.4f lr %.2e %.1f samples/s stall %.0f%%",
-                            stage.name, state.step, total_steps, state.epoch, metrics["train/loss"],
-                            metrics["train/lr"], metrics["train/samples_per_s"], 100 * metrics["data/stall_frac"],
-                        )
+                    _log_progress(job, stage, state, total_steps, engine, optimizer, tracker, window, rank, world,
+                                  skipped=skipped_counts(train_shard)["total"], rss=proc.memory_info().rss)
                     window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "samples": 0}
                 if state.step >= total_steps:
                     done = True
@@ -241,13 +233,40 @@ def train_func(config: dict[str, Any]) -> None:
                     report({"train/loss": loss.item()})
             t_wait = time.perf_counter()
         metrics: dict[str, float] = {}
-        if val_shard is not None:
-            metrics = _evaluate(engine, val_shard, micro, dtype)
+        passes = (position.epoch or 0)  # iter_train_batches moved the position past the finished epoch
+        if val_shard is not None and (done or passes % stage.checkpoint.val_interval_epochs == 0):
+            metrics = _evaluate(engine, val_shard, micro)
             tracker.log_metrics(metrics, step=state.step)
             if rank == 0:
                 logger.info("%s epoch %d validation %s", stage.name, state.epoch, metrics)
-        if not done:
-            state.epoch += 1
-            state.epoch_batches = 0
         report(metrics, export=done)
-    tracker.close()
+    if not tracker.close() and tracker.fallback_path.exists():
+        from pipeline.train.launch import write_storage
+
+        uri = write_storage(recipe, stage, tracker.fallback_path.name, tracker.fallback_path.read_bytes())
+        logger.warning("undelivered metrics saved to %s; the driver replays them when MLflow is back", uri)
+
+
+def _log_progress(
+    job: StageJob, stage: StageConfig, state: TrainerState, total_steps: int, engine: Any, optimizer: Any,
+    tracker: Any, window: dict[str, float], rank: int, world: int, *, skipped: int, rss: int,
+) -> None:
+    """Metrics of the last logging window to the tracker (rank 0) and a progress line to the job log."""
+    grad_norm = engine.get_global_grad_norm()
+    metrics = {
+        "train/loss": window["loss"] / max(window["n"], 1),
+        "train/lr": max(g["lr"] for g in optimizer.param_groups),
+        "train/samples_per_s": window["samples"] / max(window["time"], 1e-9),
+        "data/stall_frac": window["wait"] / max(window["time"], 1e-9),
+        "data/skipped": float(skipped),
+        "sys/rss_mb": rss / 2**20,
+    }
+    if grad_norm is not None:
+        metrics["train/grad_norm"] = float(grad_norm)
+    tracker.log_metrics(metrics, step=state.step)
+    if rank == 0:
+        logger.info(
+            "%s step %d/%d epoch %d loss %.4f lr %.2e %.1f samples/s stall %.0f%% skipped %d",
+            stage.name, state.step, total_steps, state.epoch, metrics["train/loss"], metrics["train/lr"],
+            metrics["train/samples_per_s"], 100 * metrics["data/stall_frac"], skipped,
+        )

@@ -12,17 +12,26 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 
 import revcol
+from pipeline.config import S3Config
+from pipeline.s3 import is_s3_url, make_client, split_s3_url
 
 __all__ = ["load_init_weights", "read_weights"]
 
 logger = logging.getLogger(__name__)
 
 
-def read_weights(uri: str) -> dict[str, torch.Tensor]:
-    """Weights from a ``.safetensors`` file, an export folder, or a released ``.pth`` checkpoint (local paths)."""
+def read_weights(uri: str, *, s3_cfg: S3Config | None = None) -> dict[str, torch.Tensor]:
+    """Weights from a ``.safetensors`` file or an export folder (local or ``s3://``), or a released ``.pth``."""
+    if is_s3_url(uri):
+        bucket, key = split_s3_url(uri if uri.endswith(".safetensors") else f"{uri.rstrip('/')}/model.safetensors")
+        try:
+            body = make_client(s3_cfg).get_object(Bucket=bucket, Key=key)["Body"].read()
+        except Exception as err:  # noqa: BLE001 - botocore raises many kinds; name the object
+            raise FileNotFoundError(f"init weights {uri!r} could not be read: {err}") from err
+        return load(body)
     path = Path(uri)
     if path.is_dir():
         path = path / "model.safetensors"
@@ -33,9 +42,11 @@ def read_weights(uri: str) -> dict[str, torch.Tensor]:
     return revcol.official_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
-def load_init_weights(model: revcol.RevCol, uri: str, *, head_init_scale: float | None = None) -> None:
+def load_init_weights(
+    model: revcol.RevCol, uri: str, *, head_init_scale: float | None = None, s3_cfg: S3Config | None = None
+) -> None:
     """Loads ``uri`` into ``model`` with the finetuning adaptations; raises naming any other mismatch."""
-    weights = read_weights(uri)
+    weights = read_weights(uri, s3_cfg=s3_cfg)
     own = model.state_dict()
     dropped = sorted(k for k in weights if k.startswith(("cls_blocks.", "decoder_blocks.")) and k not in own)
     if dropped and "cls.classifier.1.weight" in own and "cls.classifier.1.weight" not in weights:

@@ -1,0 +1,303 @@
+"""The stage chain: ``revcol run RECIPE.yaml`` executes pretrain → finetune → eval in order.
+
+One MLflow parent run per pipeline (experiment = recipe name, tag ``revcol.pipeline``), one child run per stage
+(tag ``revcol.stage``). A stage's outcome — its run id, checkpoint, exported weights, final metrics — is written to
+``{storage_path}/{name}-{stage}/stage_result.json`` when it finishes; that file is what makes re-running
+idempotent: finished stages are skipped and their outputs reused, an interrupted stage resumes from its last
+checkpoint (Ray Train resumes a run of the same name), and the same MLflow runs are continued, not duplicated.
+
+Lineage: each child run is tagged with the weights it started from (``revcol.init_from``, ``revcol.init_from_run``)
+and the checkpoint and export it produced (``revcol.checkpoint_uri``, ``revcol.export_uri``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.config import Recipe, StageConfig
+
+__all__ = ["StageOutcome", "plan_pipeline", "run_pipeline"]
+
+logger = logging.getLogger(__name__)
+
+RESULT_FILE = "stage_result.json"
+
+
+@dataclass
+class StageOutcome:
+    """What a stage produced (also the content of its ``stage_result.json``)."""
+
+    stage: str
+    kind: str
+    status: str
+    """FINISHED, SKIPPED (finished before: outputs reused) or FAILED."""
+    run_id: str | None = None
+    checkpoint_uri: str | None = None
+    export_uri: str | None = None
+    ema_export_uri: str | None = None
+    samples_per_s: float | None = None
+    seconds: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- storage helpers
+def _read_result(recipe: Recipe, stage: StageConfig) -> StageOutcome | None:
+    from pipeline.train.launch import read_storage
+
+    data = read_storage(recipe, stage, RESULT_FILE)
+    return StageOutcome(**json.loads(data)) if data else None
+
+
+def _write_result(recipe: Recipe, stage: StageConfig, outcome: StageOutcome) -> None:
+    from pipeline.train.launch import write_storage
+
+    write_storage(recipe, stage, RESULT_FILE, json.dumps(asdict(outcome), indent=1).encode())
+
+
+def _checkpoint_uri(recipe: Recipe, path: str) -> str:
+    from pipeline.s3 import is_s3_url
+
+    return f"s3://{path}" if is_s3_url(recipe.storage_path) else path
+
+
+# --------------------------------------------------------------------------------------------------- tracking
+class _Runs:
+    """The pipeline's MLflow parent run and its stage runs, found again on re-runs (never duplicated)."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        from mlflow.tracking import MlflowClient
+
+        from pipeline.tracking import flatten_params
+
+        self.uri = recipe.tracking.uri
+        self.client = MlflowClient(self.uri)
+        name = recipe.tracking.experiment or recipe.name
+        found = self.client.get_experiment_by_name(name)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(name)
+        parents = self.client.search_runs(
+            [self.experiment_id], f"tags.`revcol.pipeline` = '{recipe.name}' and tags.`revcol.role` = 'pipeline'",
+            order_by=["attributes.start_time DESC"], max_results=1,
+        )
+        if parents:
+            self.parent_id = parents[0].info.run_id
+            self.client.update_run(self.parent_id, status="RUNNING")
+        else:
+            run = self.client.create_run(
+                self.experiment_id, run_name=recipe.name,
+                tags={"revcol.pipeline": recipe.name, "revcol.role": "pipeline"},
+            )
+            self.parent_id = run.info.run_id
+            self._log_params(self.parent_id, flatten_params(recipe.model_dump(mode="json")))
+        self.recipe = recipe
+
+    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        for start in range(0, len(new), 100):
+            self.client.log_batch(run_id, params=new[start : start + 100])
+
+    def stage_run(self, stage: StageConfig) -> str:
+        """The stage's child run: the existing one (resumed stage) or a new one."""
+        from pipeline.tracking import flatten_params
+
+        found = self.client.search_runs(
+            [self.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{self.parent_id}' and tags.`revcol.stage` = '{stage.name}'",
+            max_results=1,
+        )
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=stage.name,
+            tags={"mlflow.parentRunId": self.parent_id, "revcol.stage": stage.name, "revcol.kind": stage.kind,
+                  "revcol.pipeline": self.recipe.name},
+        )
+        self._log_params(run.info.run_id, flatten_params(stage.model_dump(mode="json")))
+        return run.info.run_id
+
+    def finish(self, run_id: str, *, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:
+        for key, value in (tags or {}).items():
+            if value is not None:
+                self.client.set_tag(run_id, key, str(value))
+        self.client.set_terminated(run_id, status=status)
+
+
+# ----------------------------------------------------------------------------------------------------- stages
+def _resolve_init(recipe: Recipe, stage: StageConfig, done: dict[str, StageOutcome]) -> tuple[str | None, str | None]:
+    """``(weights URI, source run id)`` a stage starts from: an earlier stage's export, or a URI as given."""
+    if stage.init_from is None:
+        return None, None
+    if stage.init_from in done:
+        source = done[stage.init_from]
+        return source.export_uri, source.run_id
+    return stage.init_from, None
+
+
+def plan_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> dict[str, Any]:
+    """Validates data and lineage without taking cluster resources: the ``--dry-run`` plan.
+
+    Returns:
+        Per stage: kind, model, sample and class counts of its data, what it initializes from, and whether it
+        already finished (and would be skipped).
+    """
+    from pipeline.data.stream import check_inputs
+
+    plan = []
+    for stage in recipe.stages:
+        if stages and stage.name not in stages:
+            continue
+        data = check_inputs(stage.data, recipe.s3)
+        previous = _read_result(recipe, stage)
+        plan.append({
+            "stage": stage.name,
+            "kind": stage.kind,
+            "model": stage.model.name,
+            "init_from": stage.init_from,
+            **{f"{split}_samples": shards.num_samples for split, shards in data.items()},
+            **{f"{split}_classes": shards.num_classes for split, shards in data.items()},
+            "finished_before": previous is not None and previous.status == "FINISHED",
+        })
+    return {"recipe": recipe.name, "storage_path": recipe.storage_path, "tracking_uri": recipe.tracking.uri,
+            "stages": plan}
+
+
+def _train_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, done: dict[str, StageOutcome]) -> StageOutcome:
+    from pipeline.data.stream import build_eval_dataset, build_train_dataset, check_inputs
+    from pipeline.train.launch import fit_stage
+
+    data = check_inputs(stage.data, recipe.s3)
+    num_classes = stage.model.num_classes or data["train"].num_classes
+    init_uri, init_run = _resolve_init(recipe, stage, done)
+    for key, value in {"revcol.init_from": init_uri, "revcol.init_from_run": init_run}.items():
+        if value:
+            runs.client.set_tag(run_id, key, value)
+    datasets = {"train": build_train_dataset(stage.data, model_name=stage.model.name, s3_cfg=recipe.s3,
+                                             data_cpus=recipe.scaling.data_cpus)}
+    if stage.data.val is not None:
+        datasets["val"] = build_eval_dataset(
+            stage.data, model_name=stage.model.name, s3_cfg=recipe.s3, batch_size=stage.data.batch_size,
+            num_splits=max(1, recipe.scaling.num_workers), data_cpus=recipe.scaling.data_cpus,
+        )
+    start = time.perf_counter()
+    result = fit_stage(recipe, stage, datasets=datasets, train_samples=data["train"].num_samples,
+                       num_classes=num_classes, run_id=run_id, tracking_uri=recipe.tracking.uri,
+                       init_weights=init_uri)
+    seconds = time.perf_counter() - start
+    if result.error is not None:
+        raise RuntimeError(f"stage {stage.name!r} failed: {result.error}") from result.error
+    ckpt = _checkpoint_uri(recipe, result.checkpoint.path)
+    metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    client_metrics = runs.client.get_run(run_id).data.metrics
+    return StageOutcome(
+        stage=stage.name, kind=stage.kind, status="FINISHED", run_id=run_id, checkpoint_uri=ckpt,
+        export_uri=f"{ckpt}/export/model.safetensors",
+        ema_export_uri=f"{ckpt}/export/ema.safetensors" if stage.regularize.ema_decay else None,
+        samples_per_s=client_metrics.get("train/samples_per_s"), seconds=seconds, metrics=metrics,
+    )
+
+
+def _eval_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, done: dict[str, StageOutcome]) -> StageOutcome:
+    from pipeline.evaluate import evaluate_stage
+
+    init_uri, init_run = _resolve_init(recipe, stage, done)
+    if init_uri is None:
+        raise ValueError(f"eval stage {stage.name!r} needs init_from (an earlier stage or a weights URI)")
+    source = done.get(stage.init_from or "")
+    weights = {"raw": init_uri}
+    if source is not None and source.ema_export_uri:
+        weights["ema"] = source.ema_export_uri
+    for key, value in {"revcol.init_from": init_uri, "revcol.init_from_run": init_run}.items():
+        if value:
+            runs.client.set_tag(run_id, key, value)
+    start = time.perf_counter()
+    results = evaluate_stage(recipe, stage, weights)
+    seconds = time.perf_counter() - start
+    best = max(results, key=lambda name: results[name]["val/top1"])
+    metrics = {**results[best]}
+    for name, values in results.items():
+        metrics.update({f"{name}/{k}": v for k, v in values.items() if not isinstance(v, dict)})
+    runs.client.log_batch(run_id, metrics=_metric_list(metrics, step=0))
+    _log_json_artifact(runs, run_id, {"weights": weights, "results": results, "best": best}, "eval_results.json")
+    return StageOutcome(stage=stage.name, kind=stage.kind, status="FINISHED", run_id=run_id, seconds=seconds,
+                        samples_per_s=results[best].get("samples_per_s"),
+                        metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
+
+
+def _metric_list(metrics: dict[str, Any], *, step: int) -> list[Any]:
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    return [Metric(k, float(v), stamp, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+
+
+def _log_json_artifact(runs: _Runs, run_id: str, obj: Any, name: str) -> None:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(json.dumps(obj, indent=1, default=str))
+        runs.client.log_artifact(run_id, str(path))
+
+
+def _connect_ray(recipe: Recipe) -> None:
+    """Joins the Ray cluster this process runs on (``ray job submit``, RAY_ADDRESS) or starts a local one."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    import psutil
+
+    ray.init(num_cpus=max(2, psutil.cpu_count() or 2), include_dashboard=False, log_to_driver=True)
+
+
+def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> list[StageOutcome]:
+    """Runs the recipe's stages (or the named subset) in order; returns one outcome per stage.
+
+    Raises:
+        RuntimeError: a stage failed (its MLflow run and the parent are marked FAILED; re-running resumes it).
+    """
+    runs = _Runs(recipe)
+    _log_json_artifact(runs, runs.parent_id, recipe.model_dump(mode="json", exclude={"s3"}), "recipe.json")
+    done: dict[str, StageOutcome] = {}
+    outcomes = []
+    for stage in recipe.stages:
+        previous = _read_result(recipe, stage)
+        if previous is not None and previous.status == "FINISHED":
+            logger.info("stage %s finished before: reusing its outputs (run %s)", stage.name, previous.run_id)
+            done[stage.name] = previous
+            outcomes.append(StageOutcome(**{**asdict(previous), "status": "SKIPPED"}))
+            continue
+        if stages and stage.name not in stages:
+            continue
+        _connect_ray(recipe)
+        run_id = runs.stage_run(stage)
+        logger.info("stage %s (%s): MLflow run %s", stage.name, stage.kind, run_id)
+        try:
+            if stage.kind == "eval":
+                outcome = _eval_stage(recipe, stage, runs, run_id, done)
+            else:
+                outcome = _train_stage(recipe, stage, runs, run_id, done)
+        except BaseException:
+            runs.finish(run_id, status="FAILED")
+            runs.finish(runs.parent_id, status="FAILED")
+            raise
+        runs.finish(run_id, tags={"revcol.checkpoint_uri": outcome.checkpoint_uri, "revcol.export_uri": outcome.export_uri})
+        _write_result(recipe, stage, outcome)
+        done[stage.name] = outcome
+        outcomes.append(outcome)
+    runs.finish(runs.parent_id)
+    return outcomes
