@@ -115,6 +115,9 @@ class DataConfig(_Section):
     """Horizontal-flip probability in training (0 for data where mirroring changes the class, e.g. digits)."""
     max_skipped_frac: float = Field(default=0.01, ge=0, le=1)
     """Fraction of undecodable/missing samples tolerated before the run stops naming the bad shards."""
+    trace_dir: str | None = None
+    """Audit trail: each training worker appends ``epoch shard index`` of every sample it trains on to a file in
+    this local folder (one file per worker process). Off by default."""
     deterministic: bool = True
     """Keep the seeded order end to end (Ray Data ``preserve_order``): each rank's batches are then a function of
     (seed, epoch, number of workers). False lets decoded blocks flow in completion order instead."""
@@ -250,6 +253,8 @@ class CheckpointConfig(_Section):
     """Save every N optimizer steps (and at the end of each epoch)."""
     keep: int = Field(default=2, ge=1)
     """Keep the last K checkpoints."""
+    at_epoch_end: bool = True
+    """Also checkpoint at the end of every epoch (off for runs of many tiny epochs)."""
     val_interval_epochs: int = Field(default=1, ge=1)
     """Validate (``data.val``) every N epochs, and always at the end."""
 
@@ -260,11 +265,17 @@ class StageConfig(_Section):
     kind: Literal["pretrain", "finetune", "eval"]
     """What the stage does."""
     data: DataConfig = Field(default_factory=DataConfig)
+    """Shards and input pipeline."""
     model: ModelConfig = Field(default_factory=ModelConfig)
+    """The RevCol variant and its options."""
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    """ZeRO stage, precision, accumulation, offload."""
     regularize: RegularizeConfig = Field(default_factory=RegularizeConfig)
+    """Mixup/cutmix, smoothing, EMA, intermediate-supervision weights."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Checkpoint and validation intervals."""
     init_from: str | None = None
     """Weights to start from: an earlier stage's name, or a URI (folder, ``s3://``, ``.safetensors``)."""
 
@@ -287,8 +298,11 @@ class Recipe(_Section):
     storage_path: str = "runs"
     """Where checkpoints and exports go: a local folder or ``s3://bucket/prefix``."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """MLflow: where runs go."""
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    """Workers, GPUs and CPU budgets."""
     s3: S3Config = Field(default_factory=S3Config)
+    """S3 endpoint and credentials (else the standard AWS variables)."""
     stages: Annotated[list[StageConfig], Field(min_length=1)]
     """Ordered stages; each runs after the previous one finished."""
 
@@ -406,3 +420,57 @@ def _list_index(items: list[Any], part: str, where: str) -> int:
     if part in names:
         return names.index(part)
     raise RecipeError(f"override key {where}: no item named {part!r}; items: {names}")
+
+
+def reference_markdown() -> str:
+    """The recipe reference, generated from the classes above (``docs/recipe-reference.md`` is this output;
+    a test keeps them equal)."""
+    sections: list[tuple[str, type[BaseModel]]] = [("", Recipe)]
+    lines = [
+        "# Recipe reference",
+        "",
+        "Generated from `pipeline/config.py` by `python -m pipeline.config > docs/recipe-reference.md`; a test",
+        "fails when they differ. Unknown keys are errors. Override any leaf with `--set dotted.key=value`",
+        "(stages by index or name: `stages.finetune.optim.base_lr=1e-4`).",
+    ]
+    seen: set[type] = set()
+    while sections:
+        prefix, cls = sections.pop(0)
+        if cls in seen:
+            continue
+        seen.add(cls)
+        lines += ["", f"## `{prefix or 'recipe'}` ({cls.__name__})", "", "| key | type | default | meaning |",
+                  "|---|---|---|---|"]
+        for name, field in cls.model_fields.items():
+            annotation = field.annotation
+            nested = _section_class(annotation)
+            if nested is not None:
+                sections.append(((f"{prefix}.{name}" if prefix else name) + ("[]" if _is_list(annotation) else ""), nested))
+            default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            if nested is not None:
+                default = "see below" if not field.is_required() else "required"
+            kind = re.sub(r"<class '([\w.]+)'>", r"\1", str(annotation))
+            kind = re.sub(r"\b(?:[A-Za-z_]\w*\.)+(\w+)", r"\1", kind)  # module prefixes off
+            doc = " ".join((field.description or "").split())
+            lines.append(f"| `{name}` | `{kind}` | `{default}` | {doc} |".replace("`see below`", "see below").replace("`required`", "required"))
+    return "\n".join(lines) + "\n"
+
+
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    import typing
+
+    for candidate in (annotation, *typing.get_args(annotation)):
+        for inner in (candidate, *typing.get_args(candidate)):
+            if isinstance(inner, type) and issubclass(inner, _Section):
+                return inner
+    return None
+
+
+def _is_list(annotation: Any) -> bool:
+    import typing
+
+    return any(typing.get_origin(a) is list for a in (annotation, *typing.get_args(annotation)))
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -110,15 +111,37 @@ def test_overrides_do_not_mutate_input():
 
 
 def test_cli_dry_run_validates_and_exits_2_on_bad_recipe(tmp_path):
+    from pipeline.data.shards import write_shards
+
+    shards = str(tmp_path / "shards")
+    write_shards("digits", shards, shard_size=500, split="test", progress=False)
+    real = apply_overrides(BASE, [f"stages.{i}.data.{split}={shards}" for i, split in
+                                  ((0, "train"), (1, "train"), (1, "val"), (2, "val"))])
     good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
-    good.write_text(yaml.safe_dump(BASE))
+    good.write_text(yaml.safe_dump(real))
     bad.write_text(yaml.safe_dump({**BASE, "scaling": {"num_workerz": 1}}))
     cmd = [sys.executable, "-m", "pipeline", "run", "--dry-run", "--json"]
     ok = subprocess.run([*cmd, str(good)], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
-    assert '"valid": true' in ok.stdout.strip().splitlines()[-1]
+    plan = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert plan["valid"] and [s["train_samples"] for s in plan["stages"][:2]] == [359, 359]
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(yaml.safe_dump(apply_overrides(real, [f"stages.0.data.train={tmp_path}/nowhere"])))
+    nowhere = subprocess.run([*cmd, str(missing)], capture_output=True, text=True, timeout=120)
+    assert nowhere.returncode == 2 and "nowhere" in nowhere.stderr
     fail = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, timeout=120)
     assert fail.returncode == 2
     assert "scaling.num_workerz: unknown key" in fail.stderr
     missing = subprocess.run([*cmd, str(tmp_path / "nope.yaml")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_recipe_reference_is_generated_from_the_schema():
+    from pathlib import Path
+
+    from pipeline.config import reference_markdown
+
+    doc = Path(__file__).parent.parent / "docs" / "recipe-reference.md"
+    assert doc.read_text() == reference_markdown(), "run: python -m pipeline.config > docs/recipe-reference.md"
+    for section in ("`recipe`", "`stages[]`", "`stages[].optim`", "`stages[].deepspeed`", "`scaling`"):
+        assert f"## {section}" in doc.read_text()

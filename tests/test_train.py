@@ -151,3 +151,59 @@ def test_mlflow_outage_buffers_and_delivers(digits, s3_server, tmp_path, capfd):
         assert "MLflow tracking unreachable" in logs and "reachable again" in logs  # the outage really happened
     finally:
         server.stop()
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of the Ray Train worker processes of this test's own Ray cluster (descendants of this process)."""
+    import os
+
+    import psutil
+
+    found = []
+    for proc in psutil.Process(os.getpid()).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_sigkill_of_a_worker_resumes_without_losing_samples(digits, tmp_path):
+    import os
+    import signal
+    from collections import Counter
+
+    trace = tmp_path / "trace"
+    recipe = _recipe(digits, str(tmp_path / "runs"), name="killed", data={"trace_dir": str(trace)},
+                     optim={"epochs": 1}, checkpoint={"interval_steps": 5})
+    recipe = recipe.model_copy(update={"scaling": recipe.scaling.model_copy(update={"max_failures": 1})})
+    killed = {}
+
+    def kill_mid_epoch():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            lines = sum(len(p.read_text().splitlines()) for p in trace.glob("*.txt")) if trace.exists() else 0
+            if lines >= 2 * 32 * 8:  # both ranks past step 8: one checkpoint (step 5) behind
+                pids = _train_worker_pids()
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed["pid"] = pids[-1]
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_mid_epoch)
+    killer.start()
+    result = _fit(recipe, digits)
+    killer.join()
+    assert "pid" in killed, "the worker was never killed"
+    assert result.error is None and result.metrics["step"] == digits["train_samples"] // (2 * 32)
+
+    files = list(trace.glob("*.txt"))
+    assert len(files) >= 3  # two workers, then at least one restarted one
+    seen = Counter(tuple(map(int, line.split())) for f in files for line in f.read_text().splitlines())
+    epoch0 = {(shard, index) for (epoch, shard, index) in seen if epoch == 0}
+    trained = digits["train_samples"] // (2 * 32) * 2 * 32  # equal split, full batches
+    assert len(epoch0) >= trained - 2 * 32  # no sample lost (up to the remainder the equal split drops)
+    repeats = sum(n - 1 for n in seen.values())
+    assert 0 < repeats <= 5 * 2 * 32 + 2 * 2 * 32  # one checkpoint interval (+ batches in flight)

@@ -198,12 +198,16 @@ def train_func(config: dict[str, Any]) -> None:
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
             )
 
+    trace = _open_trace(stage.data.trace_dir, rank)
     done = state.step >= total_steps
     window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "samples": 0}
     while not done:
         t_wait = time.perf_counter()
         for batch in iter_train_batches(train_shard, batch_size=micro, position=position):
             t_got = time.perf_counter()
+            if trace is not None:
+                trace.writelines(f"{batch['epoch']} {s} {i}\n" for s, i in zip(batch["shard"].tolist(), batch["index"].tolist()))
+                trace.flush()
             images, labels = batch["image"], batch["label"].long()
             targets = labels
             if mixup is not None:
@@ -239,12 +243,24 @@ def train_func(config: dict[str, Any]) -> None:
             tracker.log_metrics(metrics, step=state.step)
             if rank == 0:
                 logger.info("%s epoch %d validation %s", stage.name, state.epoch, metrics)
-        report(metrics, export=done)
+        if done or stage.checkpoint.at_epoch_end:
+            report(metrics, export=done)
+        elif metrics:
+            ray.train.report({**metrics, "step": state.step, "epoch": position.epoch or 0})
     if not tracker.close() and tracker.fallback_path.exists():
         from pipeline.train.launch import write_storage
 
         uri = write_storage(recipe, stage, tracker.fallback_path.name, tracker.fallback_path.read_bytes())
         logger.warning("undelivered metrics saved to %s; the driver replays them when MLflow is back", uri)
+
+
+def _open_trace(folder: str | None, rank: int) -> Any:
+    if folder is None:
+        return None
+    import os
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return open(Path(folder) / f"samples-rank{rank}-pid{os.getpid()}.txt", "a")  # noqa: SIM115 - lives for the run
 
 
 def _log_progress(
