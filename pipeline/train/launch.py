@@ -77,6 +77,39 @@ def read_storage(recipe: Recipe, stage: StageConfig, name: str, *, delete: bool 
         return None
 
 
+def latest_checkpoint(recipe: Recipe, stage: StageConfig, *, into: Path) -> Path | None:
+    """The newest complete checkpoint in the stage's run folder, copied to ``into`` when remote; None if none.
+
+    Ray Train hands a restarted worker group the last checkpoint its controller registered; a worker killed right
+    after reporting can take that registration with it. Complete means the trainer state and every rank's RNG
+    file are there (each rank writes its RNG file after its DeepSpeed shard).
+    """
+    import json
+
+    import pyarrow.fs
+
+    path, fs = storage(recipe)
+    folder = f"{path}/{run_name(recipe, stage)}"
+    fs = fs or pyarrow.fs.LocalFileSystem()
+    try:
+        entries = fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True))
+    except OSError:
+        return None
+    for entry in sorted((e for e in entries if e.base_name.startswith("checkpoint_")), key=lambda e: e.base_name,
+                        reverse=True):
+        names = {i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(entry.path))}
+        if "trainer_state.json" not in names:
+            continue
+        with fs.open_input_stream(f"{entry.path}/trainer_state.json") as f:
+            world = json.loads(f.read())["world_size"]
+        if all(f"rng_rank{r}.pt" in names for r in range(world)):
+            if isinstance(fs, pyarrow.fs.LocalFileSystem):
+                return Path(entry.path)
+            pyarrow.fs.copy_files(entry.path, str(into), source_filesystem=fs)
+            return into
+    return None
+
+
 def fit_stage(
     recipe: Recipe,
     stage: StageConfig,

@@ -172,9 +172,18 @@ def train_func(config: dict[str, Any]) -> None:
     state = TrainerState(world_size=world, zero_stage=stage.deepspeed.zero_stage)
     position = StreamPosition()
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(engine, Path(folder), ema=ema)
+    found = None
+    if checkpoint is None:
+        from pipeline.train.launch import latest_checkpoint
+
+        found = latest_checkpoint(recipe, stage, into=Path(tempfile.mkdtemp(prefix="revcol-resume-")))
+    if checkpoint is not None or found is not None:
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                state = load_checkpoint(engine, Path(folder), ema=ema)
+        else:
+            logger.info("rank %d: resuming from %s (found in storage)", rank, found)
+            state = load_checkpoint(engine, found, ema=ema)
         if state.stream:
             position = StreamPosition.from_state_dict(state.stream)
         logger.info("rank %d resumed at step %d (epoch %d, %d samples of it consumed)", rank, state.step,
