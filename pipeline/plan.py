@@ -45,11 +45,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import gc
 import json
 import logging
 import math
 import sys
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -70,6 +70,7 @@ __all__ = [
     "StagePlan",
     "add_parser",
     "activation_trace",
+    "format_plan",
     "model_stats",
     "plan_recipe",
     "plan_stage",
@@ -79,8 +80,8 @@ logger = logging.getLogger(__name__)
 
 GiB = 2**30
 Tier = Literal["gpu", "host", "nvme"]
-Phase = Literal["persistent", "init", "forward", "backward", "grad_reduce", "optimizer_step", "checkpoint"]
 PHASES: tuple[str, ...] = ("init", "forward", "backward", "grad_reduce", "optimizer_step", "checkpoint")
+"""Step phases; an item is alive in some of them, or ``persistent`` (the whole run)."""
 
 ACTIVATION_METHOD = (
     "analytic: live tensor-storage bytes tracked op by op through one fp32 training step (forward, loss, "
@@ -193,6 +194,9 @@ class MemoryItem:
         phases: ``("persistent",)`` for the whole run, else the step phases during which it is alive.
         source: ``computed`` (from exact parameter counts and the engine's layout), ``traced`` (activation trace)
             or ``assumed`` (a documented constant).
+        kind: what sort of state it is, which decides its tier under offload (:func:`_place`): ``parameters``,
+            ``persistent_parameters``, ``gradients``, ``master``, ``optimizer``, ``optimizer_step``, ``ema``,
+            ``buffer``, ``activations``, ``init``, ``checkpoint``, ``runtime``.
     """
 
     name: str
@@ -200,10 +204,12 @@ class MemoryItem:
     tier: Tier
     phases: tuple[str, ...] = ("persistent",)
     source: str = "computed"
+    kind: str = "other"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "kind": self.kind,
             "bytes": int(self.bytes),
             "gib": round(self.bytes / GiB, 3),
             "tier": self.tier,
@@ -297,6 +303,7 @@ class StagePlan:
 
     # ------------------------------------------------------------------ derived numbers
     def tier_items(self, tier: str) -> list[MemoryItem]:
+        """The items living on ``tier`` (``gpu``, ``host`` or ``nvme``)."""
         return [i for i in self.items if i.tier == tier]
 
     def phase_bytes(self, tier: str) -> dict[str, int]:
@@ -304,16 +311,32 @@ class StagePlan:
         return {ph: sum(i.bytes for i in self.tier_items(tier) if ph in i.phases) for ph in PHASES}
 
     def persistent_bytes(self, tier: str) -> int:
+        """Bytes on ``tier`` alive for the whole run."""
         return sum(i.bytes for i in self.tier_items(tier) if "persistent" in i.phases)
 
     def peak(self, tier: str) -> tuple[int, str]:
-        """Peak bytes on ``tier`` and the phase where it happens."""
+        """The most bytes alive on ``tier`` at once.
+
+        Args:
+            tier: ``gpu``, ``host`` or ``nvme``.
+
+        Returns:
+            ``(bytes, phase)``: persistent bytes plus those of the heaviest phase, and that phase.
+        """
         phases = self.phase_bytes(tier)
         phase = max(phases, key=lambda p: phases[p])
         return self.persistent_bytes(tier) + phases[phase], phase
 
     def required_bytes(self, tier: str) -> int:
-        """Peak plus fragmentation headroom on the dynamic part, plus the runtime reserve on the device."""
+        """What ``tier`` must offer per worker for this stage.
+
+        Args:
+            tier: ``gpu``, ``host`` or ``nvme``.
+
+        Returns:
+            The peak, plus the fragmentation headroom on its phase's bytes, plus (on the training device) the
+            runtime reserve.
+        """
         peak, phase = self.peak(tier)
         dynamic = self.phase_bytes(tier)[phase]
         extra = self.reserve_bytes if tier == self.device_tier else 0
@@ -334,8 +357,8 @@ class StagePlan:
     @property
     def model_state_bytes(self) -> int:
         """Persistent bytes of parameters, gradients, master weights and optimizer state on all tiers."""
-        kinds = ("parameters", "gradients", "master weights", "AdamW state")
-        return sum(i.bytes for i in self.items if "persistent" in i.phases and i.name.startswith(kinds))
+        kinds = ("parameters", "persistent_parameters", "gradients", "master", "optimizer")
+        return sum(i.bytes for i in self.items if "persistent" in i.phases and i.kind in kinds)
 
     @property
     def step_flops(self) -> int:
@@ -406,15 +429,20 @@ class Plan:
         return all(s.fits for s in self.stages)
 
     def refusal(self) -> str:
-        """A one-paragraph reason naming every stage that does not fit and the first fix that would."""
+        """A one-paragraph reason naming every stage that does not fit and the single changes that would fit."""
         lines = []
         for s in self.stages:
             if s.fits:
                 continue
-            fix = next((x for x in s.suggestions if x["fits"]), None)
-            hint = f"; fix: {x_cli(fix)} ({fix['why']})" if fix else "; no single change found that fits"
+            fixes = [f"{_as_cli(x)} ({x['why']})" for x in s.suggestions if x["fits"]][:4]
+            if fixes:
+                hint = f"; fits with any of: {' | '.join(fixes)}"
+            elif s.suggestions:
+                hint = "; no single change (ZeRO stage, micro-batch, workers, offload) fits alone: combine them"
+            else:
+                hint = ""
             lines.append(f"stage {s.stage!r}: {'; '.join(s.problems)}{hint}")
-        return f"recipe {self.recipe!r} does not fit: " + " | ".join(lines)
+        return f"recipe {self.recipe!r} does not fit: " + "\n  ".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         c = self.cluster
@@ -435,7 +463,7 @@ class Plan:
         }
 
 
-def x_cli(suggestion: dict[str, Any]) -> str:
+def _as_cli(suggestion: dict[str, Any]) -> str:
     """A suggestion as ``--set`` arguments."""
     return " ".join(f"--set {o}" for o in suggestion["set"])
 
@@ -593,6 +621,7 @@ def _trace_cached(
     cfg = revcol.model_cfg(name)
     objective = Objective(model, RegularizeConfig(), mean=cfg["mean"], std=cfg["std"])
     objective.train(train)
+    started = time.perf_counter()
     with FakeTensorMode(allow_non_fake_inputs=True):
         objective.to_empty(device="cpu")  # fake CPU tensors: real op semantics (and RNG replay), no memory
         params = list(objective.parameters())
@@ -621,7 +650,11 @@ def _trace_cached(
             forward_flops += (full_columns - columns) * per_column
         backward_peak = tracker.peak
         del objective, model, params, images, targets, before
-    gc.collect()
+    logger.debug(
+        "traced %s (%d of %d columns) at %dpx x %d (%s) in %.1fs: kept %d, peak %d bytes",
+        name, columns, full_columns, image_size, micro_batch, "train" if train else "eval",
+        time.perf_counter() - started, kept, backward_peak,
+    )
     return ActivationTrace(
         kept_bytes=kept,
         forward_peak_bytes=forward_peak,
@@ -633,7 +666,9 @@ def _trace_cached(
     )
 
 
-def activation_trace(stage: StageConfig, *, image_size: int | None = None, micro_batch: int | None = None) -> ActivationTrace:
+def activation_trace(
+    stage: StageConfig, *, image_size: int | None = None, micro_batch: int | None = None
+) -> ActivationTrace:
     """Activation bytes and forward FLOPs of one step of ``stage`` (cached in-process).
 
     One step (forward, the stage's loss — compound with intermediate supervision — and for training stages the
@@ -646,18 +681,26 @@ def activation_trace(stage: StageConfig, *, image_size: int | None = None, micro
 
     Returns:
         The trace.
+
+    Raises:
+        ValueError: the resolution is not a multiple of 32 (the model's stride-32 pyramid needs one).
     """
     reg = stage.regularize
+    size = image_size or _stage_image_size(stage)
+    if size % 32:
+        raise ValueError(
+            f"stage {stage.name!r}: image size {size} is not a multiple of 32 (RevCol's top level has stride 32)"
+        )
     return _trace_cached(
         **_model_kwargs(stage),
-        image_size=image_size or stage_image_size(stage),
+        image_size=size,
         micro_batch=micro_batch or stage.data.batch_size,
         train=stage.kind != "eval",
         soft_targets=stage.kind != "eval" and (reg.mixup > 0 or reg.cutmix > 0),
     )
 
 
-def stage_image_size(stage: StageConfig) -> int:
+def _stage_image_size(stage: StageConfig) -> int:
     """The stage's resolution: ``data.image_size`` or the model's default input size."""
     import revcol
 
@@ -666,153 +709,166 @@ def stage_image_size(stage: StageConfig) -> int:
 
 # ----------------------------------------------------------------------------------------------- the ledger
 def _zero_option(ds: DeepSpeedConfig, key: str) -> Any:
+    """A ``zero_optimization`` option: from ``deepspeed.extra`` when the stage sets it, else DeepSpeed's default."""
     zero = ds.extra.get("zero_optimization", {}) if isinstance(ds.extra, dict) else {}
-    if key in zero:
-        return zero[key]
-    if key.startswith("stage3_") and key.removeprefix("stage3_") in zero:
-        return zero[key.removeprefix("stage3_")]
+    for name in (key, key.removeprefix("stage3_")):
+        if name in zero:
+            return zero[name]
     return _DS_DEFAULTS.get(key)
 
 
-def _place(name: str, ds: DeepSpeedConfig, device: Tier) -> Tier:
-    """Where a model state lives. The one place that knows offload: optimizer state and master weights follow
-    ``offload_optimizer``, ZeRO-3 parameter partitions follow ``offload_param``. (ZeRO-Infinity's pinned staging
-    and NVMe swap buffers, and offload bandwidth, are not modelled.)"""
-    offloaded = {"none": device, "cpu": "host", "nvme": "nvme"}
-    if name.startswith(("AdamW state", "master weights")):
-        return offloaded[ds.offload_optimizer]
-    if name.startswith(("flat fp32 gradient", "AdamW step temporary")) or (
-        name.startswith("gradients (fp32, 1/") and ds.zero_stage >= 2
-    ):
-        # The optimizer step runs where the state is; its gradients are staged in host memory even for NVMe.
-        return device if ds.offload_optimizer == "none" else "host"
-    if name.startswith("parameters (fp32") and ds.zero_stage == 3:
-        return offloaded[ds.offload_param]
+def _place(kind: str, ds: DeepSpeedConfig, device: Tier) -> Tier:
+    """Where a kind of model state lives: the one place that knows offload.
+
+    AdamW state and master weights follow ``offload_optimizer`` (``cpu``: host, ``nvme``: NVMe); the sharded
+    gradients and the optimizer-step temporaries go with the optimizer to the host (NVMe offload stages them in
+    host memory); ZeRO-3 parameter partitions follow ``offload_param``. Everything else stays on the device.
+    ZeRO-Infinity's pinned staging and swap buffers, and the offload bandwidth, are not modelled yet: that is
+    where an NVMe/CPU offload model adds its own items.
+    """
+    tier_of: dict[str, Tier] = {"none": device, "cpu": "host", "nvme": "nvme"}
+    if kind in ("optimizer", "master"):
+        return tier_of[ds.offload_optimizer]
+    if kind in ("gradients", "optimizer_step") and ds.zero_stage >= 1 and ds.offload_optimizer != "none":
+        return "host"
+    if kind == "parameters" and ds.zero_stage == 3:
+        return tier_of[ds.offload_param]
     return device
 
 
 def _model_state_items(
     stats: ModelStats, stage: StageConfig, workers: int, device: Tier, *, ema: bool
 ) -> list[MemoryItem]:
-    """Parameters, gradients, master weights, AdamW state, EMA and ZeRO buffers for one worker."""
+    """Parameters, gradients, master weights, AdamW state, EMA, ZeRO buffers and optimizer-step temporaries of
+    one training worker (fp32 weights, see the module docstring)."""
     ds = stage.deepspeed
     z, w, p = ds.zero_stage, workers, stats.params
+    own = math.ceil(p / w)  # this rank's partition
     shard = f", 1/{w}" if w > 1 else ""
-    items: list[tuple[str, int, tuple[str, ...]]] = []
+    items: list[tuple[str, str, int, tuple[str, ...]]] = []  # (kind, name, bytes, phases)
+    persistent = ("persistent",)
     if z == 3:
         threshold = int(_zero_option(ds, "stage3_param_persistence_threshold"))
         small = sum(n for n in stats.param_numels if n < threshold)
         items += [
-            (f"parameters (fp32{shard})", _FP32 * math.ceil(p / w), ("persistent",)),
-            (f"parameters kept whole (numel < {threshold}, fp32)", _FP32 * small, ("persistent",)),
-            (f"gradients (fp32{shard})", _FP32 * math.ceil(p / w), ("persistent",)),
+            ("parameters", f"parameters (fp32{shard})", _FP32 * own, persistent),
+            ("persistent_parameters", f"parameters kept whole (numel < {threshold}, fp32)", _FP32 * small, persistent),
         ]
     else:
-        items.append(("parameters (fp32)", _FP32 * p, ("persistent",)))
-        if z:
-            # DeepSpeed's ZeRO-1 also reduces into the owned partition during backward (measured: ZeRO-1 and
-            # ZeRO-2 hold the same bytes after backward).
-            items.append((f"gradients (fp32{shard})", _FP32 * math.ceil(p / w), ("persistent",)))
-        else:
-            items.append(("gradients (fp32)", _FP32 * p, ("persistent",)))
+        items.append(("parameters", "parameters (fp32)", _FP32 * p, persistent))
     if z:
-        # DeepSpeed keeps a separate fp32 master partition even when the weights are fp32: stage_1_and_2.py clones
-        # it; stage3.py would alias it, but compares a torch.device with a device-name string, so it copies too.
-        items.append((f"master weights (fp32{shard})", _FP32 * math.ceil(p / w), ("persistent",)))
-    items.append((f"AdamW state (exp_avg, exp_avg_sq{shard if z else ''})", _ADAM * math.ceil(p / (w if z else 1)), ("persistent",)))
-    if ema:
-        ema_bytes = _FP32 * (math.ceil(p / w) if z == 3 else p)
-        items.append((f"EMA weights (fp32{shard if z == 3 else ''})", ema_bytes, ("persistent",)))
-        items.append(("EMA gathered whole for a checkpoint (fp32)", _FP32 * p, ("checkpoint",)))
+        # ZeRO-1 in DeepSpeed also reduces into the owned partition during backward (measured: ZeRO-1 and ZeRO-2
+        # hold the same bytes after backward).
+        items.append(("gradients", f"gradients (fp32{shard})", _FP32 * own, persistent))
+        # A separate fp32 master partition even for fp32 weights: stage_1_and_2.py clones it; stage3.py means to
+        # alias fp32 weights but compares a torch.device with a device-name string, so it copies them too.
+        items.append(("master", f"master weights (fp32{shard})", _FP32 * own, persistent))
+        items.append(("optimizer", f"AdamW state (exp_avg, exp_avg_sq{shard})", _ADAM * own, persistent))
+    else:
+        items.append(("gradients", "gradients (fp32)", _FP32 * p, persistent))
+        items.append(("optimizer", "AdamW state (exp_avg, exp_avg_sq)", _ADAM * p, persistent))
+    if ema:  # pipeline.train.ema.ShardedEma: sharded like the weights under ZeRO-3
+        ema_name = f"EMA weights (fp32{shard if z == 3 else ''})"
+        items.append(("ema", ema_name, _FP32 * (own if z == 3 else p), persistent))
+        items.append(("checkpoint", "EMA gathered whole for a checkpoint (fp32)", _FP32 * p, ("checkpoint",)))
 
-    # Communication buffers.
-    comm_dtypes = 1 if ds.precision == "fp32" else 2  # autocast: Linear/Conv gradients communicate in 16 bits
+    # Gradient communication buffers.
     bucket = int(_zero_option(ds, "reduce_bucket_size"))
+    comm_dtypes = 1 if ds.precision == "fp32" else 2  # under autocast Linear/Conv gradients communicate in 16 bits
     if z == 0:
         if w > 1:
-            items.append(("gradient all-reduce bucket (fp32)", _FP32 * min(p, _ZERO0_ALLREDUCE_ELEMENTS), ("grad_reduce",)))
+            elements = min(p, _ZERO0_ALLREDUCE_ELEMENTS)
+            items.append(("buffer", "gradient all-reduce bucket (fp32)", _FP32 * elements, ("grad_reduce",)))
     elif _zero_option(ds, "contiguous_gradients"):
-        overlap = ds.extra.get("zero_optimization", {}).get("overlap_comm", z == 3) if ds.extra else z == 3
-        if z == 3:
-            per = _FP32 + (2 if comm_dtypes == 2 else 0)  # one bucket per comm dtype, typed like it
-            items.append((f"gradient reduce buckets ({comm_dtypes} dtype(s) x {bucket:.0e})", per * bucket, ("persistent",)))
-        else:
-            copies = comm_dtypes * (2 if overlap else 1)  # fp32 staging per comm dtype, doubled with overlap_comm
-            items.append((f"gradient reduce buckets ({copies} x {bucket:.0e} fp32)", copies * _FP32 * bucket, ("persistent",)))
+        overlap = _zero_option(ds, "overlap_comm")
+        overlap = z == 3 if overlap is None else bool(overlap)
+        if z == 3:  # one bucket per communication dtype, typed like it
+            size = (_FP32 + (2 if comm_dtypes == 2 else 0)) * bucket
+            name = f"gradient reduce buckets ({comm_dtypes} dtype(s) x {bucket:.0e})"
+            items.append(("buffer", name, size, persistent))
+        else:  # fp32 staging per communication dtype, doubled with overlap_comm
+            copies = comm_dtypes * (2 if overlap else 1)
+            size = copies * _FP32 * bucket
+            items.append(("buffer", f"gradient reduce buckets ({copies} x {bucket:.0e} fp32)", size, persistent))
     if z == 3:
         prefetch = int(_zero_option(ds, "stage3_prefetch_bucket_size"))
         live = min(stats.largest_layer_params + prefetch, int(_zero_option(ds, "stage3_max_live_parameters")))
-        items.append(("gathered parameters (largest layer + prefetch, fp32)", _FP32 * live, ("forward", "backward")))
+        name = "gathered parameters (largest layer + prefetch, fp32)"
+        items.append(("buffer", name, _FP32 * live, ("forward", "backward")))
         # The model is built whole on the host and moved to the device before DeepSpeed partitions it.
-        items.append(("parameters whole before partitioning (fp32)", _FP32 * p, ("init",)))
+        items.append(("init", "parameters whole before partitioning (fp32)", _FP32 * p, ("init",)))
 
-    # Optimizer step transients: the flat fp32 gradient of the owned partition, and torch AdamW's foreach
-    # temporary (sqrt of exp_avg_sq) over the largest parameter group on this rank.
+    # Optimizer step: the flat fp32 gradient of the owned partition, and torch AdamW's foreach temporary (the
+    # square root of exp_avg_sq) over the largest parameter group on this rank.
     group = stats.largest_group_params[1 if stage.optim.layer_decay is not None else 0]
+    step = ("optimizer_step",)
     if z:
-        sub_group = int(_zero_option(ds, "sub_group_size"))
-        items.append(("flat fp32 gradient for the optimizer step", _FP32 * min(math.ceil(p / w), sub_group), ("optimizer_step",)))
-        items.append(("AdamW step temporary (largest group partition)", _FP32 * math.ceil(group / w), ("optimizer_step",)))
+        flat = min(own, int(_zero_option(ds, "sub_group_size")))
+        items.append(("optimizer_step", "flat fp32 gradient for the optimizer step", _FP32 * flat, step))
+        name = "AdamW step temporary (largest group partition)"
+        items.append(("optimizer_step", name, _FP32 * math.ceil(group / w), step))
     else:
-        items.append(("AdamW step temporary (largest group)", _FP32 * group, ("optimizer_step",)))
-    return [MemoryItem(n, b, _place(n, ds, device), ph) for n, b, ph in items]
+        items.append(("optimizer_step", "AdamW step temporary (largest group)", _FP32 * group, step))
+    return [MemoryItem(name, size, _place(kind, ds, device), phases, kind=kind) for kind, name, size, phases in items]
 
 
-def _activation_items(
-    stats: ModelStats, trace: ActivationTrace, precision: str, device: Tier
-) -> list[MemoryItem]:
+def _inference_state_items(stats: ModelStats, stage: StageConfig, workers: int, device: Tier) -> list[MemoryItem]:
+    """The weights of an evaluation worker (no gradients, no optimizer)."""
+    ds, p = stage.deepspeed, stats.params
+    if ds.zero_stage != 3:
+        return [MemoryItem("parameters (fp32)", _FP32 * p, device, kind="parameters")]
+    prefetch = int(_zero_option(ds, "stage3_prefetch_bucket_size"))
+    return [
+        MemoryItem(f"parameters (fp32, 1/{workers})", _FP32 * math.ceil(p / workers), _place("parameters", ds, device),
+                   kind="parameters"),
+        MemoryItem("gathered parameters (largest layer + prefetch, fp32)",
+                   _FP32 * (stats.largest_layer_params + prefetch), device, ("forward",), kind="buffer"),
+        MemoryItem("parameters whole before partitioning (fp32)", _FP32 * p, device, ("init",), kind="init"),
+    ]
+
+
+def _activation_items(stats: ModelStats, trace: ActivationTrace, precision: str, device: Tier) -> list[MemoryItem]:
+    """Traced activations per phase, plus autocast's cache of 16-bit weight copies."""
     items = [
-        MemoryItem("activations: forward peak (traced)", trace.forward_peak_bytes, device, ("forward",), "traced"),
+        MemoryItem("activations: forward peak (traced)", trace.forward_peak_bytes, device, ("forward",), "traced",
+                   kind="activations"),
     ]
     if trace.train:
-        items.append(
-            MemoryItem(
-                "activations: kept for backward + recompute working set (traced)",
-                trace.backward_peak_bytes,
-                device,
-                ("backward",),
-                "traced",
-            )
-        )
+        items.append(MemoryItem("activations: kept for backward + recompute working set (traced)",
+                                trace.backward_peak_bytes, device, ("backward",), "traced", kind="activations"))
     if precision != "fp32":
-        items.append(MemoryItem("autocast weight-cast cache (16-bit Linear/Conv weights)", 2 * stats.cast_params, device, ("forward",)))
+        # torch.autocast caches the cast of every leaf fp32 weight it casts until the outermost autocast exits:
+        # the engine's forward holds all of them; the reversible backward re-enters autocast per column.
+        items.append(MemoryItem("autocast weight-cast cache (16-bit Linear/Conv weights)", 2 * stats.cast_params,
+                                device, ("forward",), kind="activations"))
         if trace.train:
-            items.append(MemoryItem("autocast weight-cast cache, one column's recompute", 2 * stats.column_cast_params, device, ("backward",)))
+            items.append(MemoryItem("autocast weight-cast cache, one column's recompute", 2 * stats.column_cast_params,
+                                    device, ("backward",), kind="activations"))
     return items
 
 
 def _host_items(
     stats: ModelStats, stage: StageConfig, trace: ActivationTrace, *, ema: bool, runtime_host_bytes: int
 ) -> list[MemoryItem]:
+    """Host memory of a worker process besides offloaded states: runtime, input batches, the fp32 model built on
+    the host (and init weights read there) before DeepSpeed, and checkpoint/export copies (rank 0)."""
     p = stats.params
     batch_bytes = _PREFETCH_BATCHES * trace.micro_batch * 3 * trace.image_size**2 * _FP32
     items = [
-        MemoryItem("process runtime (Python, torch, Ray, CUDA host side)", runtime_host_bytes, "host", source="assumed"),
-        MemoryItem(f"input batches in flight ({_PREFETCH_BATCHES}, fp32)", batch_bytes, "host"),
-        MemoryItem("model built on the host before DeepSpeed (fp32)", _FP32 * p, "host", ("init",)),
+        MemoryItem("process runtime (Python, torch, Ray, CUDA host side)", runtime_host_bytes, "host",
+                   source="assumed", kind="runtime"),
+        MemoryItem(f"input batches in flight ({_PREFETCH_BATCHES}, fp32)", batch_bytes, "host", kind="runtime"),
+        MemoryItem("model built on the host before DeepSpeed (fp32)", _FP32 * p, "host", ("init",), kind="init"),
     ]
     if stage.init_from:
-        items.append(MemoryItem("init_from weights read on the host (fp32)", _FP32 * p, "host", ("init",)))
+        items.append(MemoryItem("init_from weights read on the host (fp32)", _FP32 * p, "host", ("init",), kind="init"))
     if stage.kind != "eval":
-        items.append(MemoryItem("exported weights on the host (rank 0, fp32)", _FP32 * p, "host", ("checkpoint",)))
+        items.append(MemoryItem("exported weights on the host (rank 0, fp32)", _FP32 * p, "host", ("checkpoint",),
+                                kind="checkpoint"))
         if ema:
-            items.append(MemoryItem("EMA copied to the host for saving (fp32)", _FP32 * p, "host", ("checkpoint",)))
+            items.append(MemoryItem("EMA copied to the host for saving (fp32)", _FP32 * p, "host", ("checkpoint",),
+                                    kind="checkpoint"))
     return items
-
-
-def _inference_state_items(stats: ModelStats, stage: StageConfig, workers: int, device: Tier) -> list[MemoryItem]:
-    ds, p = stage.deepspeed, stats.params
-    if ds.zero_stage == 3:
-        return [
-            MemoryItem(f"parameters (fp32, 1/{workers})", _FP32 * math.ceil(p / workers), _place("parameters", ds, device)),
-            MemoryItem(
-                "gathered parameters (largest layer + prefetch, fp32)",
-                _FP32 * (stats.largest_layer_params + int(_zero_option(ds, "stage3_prefetch_bucket_size"))),
-                device,
-                ("forward",),
-            ),
-        ]
-    return [MemoryItem("parameters (fp32)", _FP32 * p, device)]
 
 
 def _deepspeed_estimate(stats: ModelStats, stage: StageConfig, cluster: ClusterShape) -> dict[str, Any]:
@@ -854,6 +910,7 @@ def plan_stage(
     stage: StageConfig,
     cluster: ClusterShape,
     *,
+    cpus_needed: float | None = None,
     reserve_gib: float = 3.0,
     headroom: float = 0.10,
     runtime_host_gib: float = 3.0,
@@ -865,35 +922,37 @@ def plan_stage(
     Args:
         stage: a validated stage.
         cluster: the cluster shape.
+        cpus_needed: CPU cores a worker reserves (its trainer CPUs and its share of the data CPUs), checked
+            against ``cluster.cpus_per_worker``; None: not checked.
         reserve_gib: device memory taken by the CUDA context, cuBLAS/cuDNN workspaces and NCCL, GiB.
         headroom: fragmentation headroom, as a fraction of the dynamic (per-phase) bytes at the peak.
         runtime_host_gib: host memory of a worker process before any model (Python, torch, Ray, CUDA), GiB.
-        suggest: when the stage does not fit, plan alternatives and list those that would.
+        suggest: when the stage does not fit, plan single changes and list them, those that fit first.
         with_deepspeed_estimate: also report DeepSpeed's own estimate (imports DeepSpeed).
 
     Returns:
         The stage plan; ``problems`` is empty when it fits.
     """
-    stats = model_stats(stage)
-    trace = activation_trace(stage)
-    return _plan_with(
-        stage, cluster, stats, trace,
-        reserve_gib=reserve_gib, headroom=headroom, runtime_host_gib=runtime_host_gib,
-        suggest=suggest, with_deepspeed_estimate=with_deepspeed_estimate,
-    )
+    settings = _Settings(cpus_needed=cpus_needed, reserve_gib=reserve_gib, headroom=headroom,
+                         runtime_host_gib=runtime_host_gib)
+    plan = _plan_with(stage, cluster, model_stats(stage), activation_trace(stage), settings)
+    if with_deepspeed_estimate and stage.kind != "eval":
+        plan.deepspeed_estimate = _deepspeed_estimate(plan.stats, stage, cluster)
+    if suggest and not plan.fits:
+        plan.suggestions = _suggestions(stage, cluster, plan, settings)
+    return plan
+
+
+@dataclass(frozen=True)
+class _Settings:
+    cpus_needed: float | None
+    reserve_gib: float
+    headroom: float
+    runtime_host_gib: float
 
 
 def _plan_with(
-    stage: StageConfig,
-    cluster: ClusterShape,
-    stats: ModelStats,
-    trace: ActivationTrace,
-    *,
-    reserve_gib: float,
-    headroom: float,
-    runtime_host_gib: float,
-    suggest: bool,
-    with_deepspeed_estimate: bool,
+    stage: StageConfig, cluster: ClusterShape, stats: ModelStats, trace: ActivationTrace, settings: _Settings
 ) -> StagePlan:
     device: Tier = "gpu" if cluster.use_gpu else "host"
     ema = stage.regularize.ema_decay is not None and stage.kind != "eval"
@@ -902,7 +961,7 @@ def _plan_with(
     else:
         items = _model_state_items(stats, stage, cluster.workers, device, ema=ema)
     items += _activation_items(stats, trace, stage.deepspeed.precision, device)
-    items += _host_items(stats, stage, trace, ema=ema, runtime_host_bytes=int(runtime_host_gib * GiB))
+    items += _host_items(stats, stage, trace, ema=ema, runtime_host_bytes=int(settings.runtime_host_gib * GiB))
     plan = StagePlan(
         stage=str(stage.name),
         kind=stage.kind,
@@ -918,8 +977,8 @@ def _plan_with(
         items=items,
         gpu_budget_bytes=int(cluster.gpu_mem_gib * GiB) if cluster.use_gpu else None,
         host_budget_bytes=int(cluster.host_mem_gib * GiB) if cluster.host_mem_gib is not None else None,
-        reserve_bytes=int(reserve_gib * GiB) if cluster.use_gpu else 0,
-        headroom=headroom,
+        reserve_bytes=int(settings.reserve_gib * GiB) if cluster.use_gpu else 0,
+        headroom=settings.headroom,
     )
     if stage.model.num_classes is None:
         plan.notes.append("model.num_classes unset (taken from the manifest at run time): planned with 1000")
@@ -927,104 +986,81 @@ def _plan_with(
         plan.notes.append("activations traced in fp32: an upper bound under autocast")
     if "nvme" in (stage.deepspeed.offload_optimizer, stage.deepspeed.offload_param):
         plan.notes.append("NVMe offload: swap/pinned buffers and bandwidth are not modelled")
-    _check(plan)
-    if with_deepspeed_estimate and stage.kind != "eval":
-        try:
-            plan.deepspeed_estimate = _deepspeed_estimate(stats, stage, cluster)
-        except ImportError as err:  # DeepSpeed is a dependency; still, a plan is useful without it
-            plan.deepspeed_estimate = {"function": None, "note": f"deepspeed unavailable: {err}"}
-    if suggest and not plan.fits:
-        plan.suggestions = _suggestions(
-            stage, cluster, stats, trace,
-            reserve_gib=reserve_gib, headroom=headroom, runtime_host_gib=runtime_host_gib,
-        )
+    _check(plan, cluster, settings.cpus_needed)
     return plan
 
 
-def _check(plan: StagePlan) -> None:
+def _check(plan: StagePlan, cluster: ClusterShape, cpus_needed: float | None) -> None:
+    """Fills ``plan.problems``: device memory, host memory, CPU cores."""
     if plan.gpu_budget_bytes is not None:
         need, (peak, phase) = plan.required_bytes("gpu"), plan.peak("gpu")
         if need > plan.gpu_budget_bytes:
             plan.problems.append(
-                f"needs {need / GiB:.1f} GiB per GPU (peak {peak / GiB:.1f} GiB in {phase}, model states "
-                f"{plan.persistent_bytes('gpu') / GiB:.1f} GiB, + reserve and headroom), "
+                f"needs {need / GiB:.1f} GiB per GPU (peak {peak / GiB:.1f} GiB in {phase}, of which "
+                f"{plan.persistent_bytes('gpu') / GiB:.1f} GiB for the whole run; plus reserve and headroom), "
                 f"has {plan.gpu_budget_bytes / GiB:.1f} GiB"
             )
     if plan.host_budget_bytes is not None:
-        need, (peak, phase) = plan.required_bytes("host"), plan.peak("host")
+        need, (_, phase) = plan.required_bytes("host"), plan.peak("host")
         if need > plan.host_budget_bytes:
             plan.problems.append(
                 f"needs {need / GiB:.1f} GiB host memory per worker (peak in {phase}), "
-                f"has {plan.host_budget_bytes / GiB:.1f} GiB"
+                f"has {plan.host_budget_bytes / GiB:.1f} GiB: raise scaling.memory_per_worker_gb (or use fewer "
+                f"workers per node)"
             )
+    if cpus_needed is not None and cluster.cpus_per_worker is not None and cpus_needed > cluster.cpus_per_worker:
+        plan.problems.append(
+            f"needs {cpus_needed:g} CPUs per worker (scaling.cpus_per_worker plus its share of scaling.data_cpus), "
+            f"has {cluster.cpus_per_worker:g}: lower scaling.data_cpus or scaling.cpus_per_worker"
+        )
 
 
-def _stage_key(stage: StageConfig) -> str:
-    return str(stage.name)
+def _divisors_below(n: int) -> list[int]:
+    return [d for d in range(n - 1, 0, -1) if n % d == 0]
 
 
 def _suggestions(
-    stage: StageConfig,
-    cluster: ClusterShape,
-    stats: ModelStats,
-    trace: ActivationTrace,
-    *,
-    reserve_gib: float,
-    headroom: float,
-    runtime_host_gib: float,
+    stage: StageConfig, cluster: ClusterShape, plan: StagePlan, settings: _Settings
 ) -> list[dict[str, Any]]:
-    """Single changes that would make ``stage`` fit, each planned: higher ZeRO stage, smaller micro-batch (with
-    more accumulation, same global batch), more workers, optimizer offload. Smaller micro-batches reuse the
-    trace scaled by batch (every activation carries the batch dimension)."""
-    key = f"stages.{_stage_key(stage)}"
+    """Single changes to ``stage`` or the cluster, each planned: a higher ZeRO stage, a smaller micro-batch with
+    more accumulation (same global batch; the trace scaled, since every activation carries the batch dimension),
+    more workers (sharded states shrink; the global batch grows), optimizer offload to the host, more host
+    memory. Those that fit come first: higher ZeRO stages, then the largest fitting micro-batch, then the rest."""
+    key = f"stages.{stage.name}"
+    ds, trace = stage.deepspeed, plan.trace
     candidates: list[tuple[list[str], StageConfig, ClusterShape, ActivationTrace, str]] = []
-    ds = stage.deepspeed
+
+    def with_ds(**update: Any) -> StageConfig:
+        return stage.model_copy(update={"deepspeed": ds.model_copy(update=update)})
+
     for z in range(ds.zero_stage + 1, 4):
-        new = stage.model_copy(update={"deepspeed": ds.model_copy(update={"zero_stage": z})})
-        candidates.append(([f"{key}.deepspeed.zero_stage={z}"], new, cluster, trace, f"ZeRO-{z}"))
-    if stage.kind != "eval" and ds.precision == "fp32":
-        new = stage.model_copy(update={"deepspeed": ds.model_copy(update={"precision": "bf16"})})
-        candidates.append(([f"{key}.deepspeed.precision=bf16"], new, cluster, trace, "bf16 autocast"))
-    micro = trace.micro_batch
-    while micro > 1:
-        micro //= 2
-        factor = trace.micro_batch // micro
-        new = stage.model_copy(
-            update={
-                "data": stage.data.model_copy(update={"batch_size": micro}),
-                "deepspeed": ds.model_copy(update={"grad_accum": ds.grad_accum * factor}),
-            }
-        )
-        sets = [f"{key}.data.batch_size={micro}", f"{key}.deepspeed.grad_accum={ds.grad_accum * factor}"]
+        candidates.append(([f"{key}.deepspeed.zero_stage={z}"], with_ds(zero_stage=z), cluster, trace, f"ZeRO-{z}"))
+    for micro in _divisors_below(trace.micro_batch):
+        accum = ds.grad_accum * (trace.micro_batch // micro)
+        new = stage.model_copy(update={"data": stage.data.model_copy(update={"batch_size": micro}),
+                                       "deepspeed": ds.model_copy(update={"grad_accum": accum})})
+        sets = [f"{key}.data.batch_size={micro}", f"{key}.deepspeed.grad_accum={accum}"]
         candidates.append((sets, new, cluster, trace.scaled(micro), f"micro-batch {micro}, same global batch"))
-    for factor in (2, 4, 8):
-        if ds.zero_stage == 0:
-            break
-        more = dataclasses.replace(cluster, workers=cluster.workers * factor)
-        candidates.append(
-            ([f"scaling.num_workers={more.workers}"], stage, more, trace, f"{more.workers} workers (global batch x{factor})")
-        )
-    if stage.kind != "eval" and ds.zero_stage >= 1 and ds.offload_optimizer == "none":
-        new = stage.model_copy(update={"deepspeed": ds.model_copy(update={"offload_optimizer": "cpu"})})
-        candidates.append(([f"{key}.deepspeed.offload_optimizer=cpu"], new, cluster, trace, "optimizer state on the host"))
+    if ds.zero_stage:
+        for factor in (2, 4):
+            more = dataclasses.replace(cluster, workers=cluster.workers * factor)
+            why = f"{more.workers} workers (global batch x{factor})"
+            candidates.append(([f"scaling.num_workers={more.workers}"], stage, more, trace, why))
+    if stage.kind != "eval" and ds.zero_stage and ds.offload_optimizer == "none":
+        candidates.append(([f"{key}.deepspeed.offload_optimizer=cpu"], with_ds(offload_optimizer="cpu"), cluster,
+                           trace, "optimizer state on the host"))
+    if plan.host_budget_bytes is not None and plan.required_bytes("host") > plan.host_budget_bytes:
+        gib = math.ceil(plan.required_bytes("host") / GiB)
+        bigger = dataclasses.replace(cluster, host_mem_gib=gib)
+        candidates.append(([f"scaling.memory_per_worker_gb={gib}"], stage, bigger, trace, f"{gib} GiB host per worker"))
 
     out = []
     for sets, new_stage, new_cluster, new_trace, why in candidates:
-        alt = _plan_with(
-            new_stage, new_cluster, stats, new_trace,
-            reserve_gib=reserve_gib, headroom=headroom, runtime_host_gib=runtime_host_gib,
-            suggest=False, with_deepspeed_estimate=False,
-        )
+        alt = _plan_with(new_stage, new_cluster, plan.stats, new_trace, settings)
         tier = alt.device_tier
-        out.append(
-            {
-                "set": sets,
-                "why": f"{why}: {alt.required_bytes(tier) / GiB:.1f} GiB per {'GPU' if tier == 'gpu' else 'worker'}",
-                "fits": alt.fits,
-                "required_bytes": alt.required_bytes(tier),
-            }
-        )
-    # Fitting suggestions first, in the order above (least disruptive first); the largest fitting micro-batch.
+        need = alt.required_bytes(tier)
+        out.append({"set": sets, "why": f"{why}: {need / GiB:.1f} GiB per {'GPU' if tier == 'gpu' else 'worker'}",
+                    "fits": alt.fits, "required_bytes": need})
     fitting = [s for s in out if s["fits"]]
     micro_fits = [s for s in fitting if "batch_size" in s["set"][0]]
     others = [s for s in fitting if "batch_size" not in s["set"][0]]
@@ -1056,16 +1092,12 @@ def plan_recipe(
     """
     cluster = cluster or ClusterShape.from_recipe(recipe)
     stages = [recipe.stage(stage)] if stage is not None else list(recipe.stages)
-    plans = [plan_stage(s, cluster, with_deepspeed_estimate=with_deepspeed_estimate, **kwargs) for s in stages]
-    if cluster.cpus_per_worker is not None:
-        sc = recipe.scaling
-        need = sc.cpus_per_worker + sc.data_cpus / max(cluster.workers, 1)
-        if need > cluster.cpus_per_worker:
-            for p in plans:
-                p.problems.append(
-                    f"needs {need:g} CPUs per worker (scaling.cpus_per_worker={sc.cpus_per_worker:g} + "
-                    f"scaling.data_cpus={sc.data_cpus:g} / {cluster.workers} workers), has {cluster.cpus_per_worker:g}"
-                )
+    sc = recipe.scaling
+    cpus = sc.cpus_per_worker + sc.data_cpus / cluster.workers
+    plans = [
+        plan_stage(s, cluster, cpus_needed=cpus, with_deepspeed_estimate=with_deepspeed_estimate, **kwargs)
+        for s in stages
+    ]
     return Plan(recipe=recipe.name, cluster=cluster, stages=plans)
 
 
@@ -1075,7 +1107,14 @@ def _gib(n: int | None) -> str:
 
 
 def format_plan(plan: Plan) -> str:
-    """A human-readable report of ``plan``."""
+    """A human-readable report: per stage, every item by tier with its phases, peaks, FLOPs and the verdict.
+
+    Args:
+        plan: a plan from :func:`plan_recipe`.
+
+    Returns:
+        The report, several lines.
+    """
     c = plan.cluster
     host = "unchecked" if c.host_mem_gib is None else f"{c.host_mem_gib:g} GiB"
     lines = [
@@ -1098,7 +1137,8 @@ def format_plan(plan: Plan) -> str:
             peak, phase = s.peak(tier)
             budget = s.gpu_budget_bytes if tier == "gpu" else s.host_budget_bytes if tier == "host" else None
             lines.append(
-                f"  {tier}: peak {_gib(peak)} GiB ({phase}); required {_gib(s.required_bytes(tier))} GiB of {_gib(budget)}"
+                f"  {tier}: peak {_gib(peak)} GiB ({phase}); "
+                f"required {_gib(s.required_bytes(tier))} GiB of {_gib(budget)}"
             )
             for i in items:
                 lines.append(f"    {_gib(i.bytes):>9} GiB  {'/'.join(i.phases):<22} {i.name}")
@@ -1120,13 +1160,14 @@ def format_plan(plan: Plan) -> str:
             lines.append(f"  -> DOES NOT FIT: {'; '.join(s.problems)}")
             for sug in s.suggestions:
                 mark = "fits" if sug["fits"] else "still too big"
-                lines.append(f"     try {x_cli(sug)}  ({sug['why']}; {mark})")
+                lines.append(f"     try {_as_cli(sug)}  ({sug['why']}; {mark})")
     lines.append("")
     lines.append("verdict: " + ("fits" if plan.fits else "does not fit"))
     return "\n".join(lines)
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    """``revcol plan``: exit status 0 when every planned stage fits, 1 (reason on stderr) when one does not."""
     recipe = load_recipe(args.recipe, args.set)
     cluster = ClusterShape.from_recipe(
         recipe, workers=args.workers, gpu_mem_gib=args.gpu_mem, host_mem_gib=args.cpu_mem, cpus_per_worker=args.cpus
@@ -1160,8 +1201,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML (see jobs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument("--workers", type=int, default=None, help="workers (default: scaling.num_workers)")
-    p.add_argument("--gpu-mem", type=float, default=None, metavar="GiB", help="GPU memory per worker (default: scaling.gpu_memory_gb, else 80)")
-    p.add_argument("--cpu-mem", type=float, default=None, metavar="GiB", help="host memory per worker (default: scaling.memory_per_worker_gb)")
+    p.add_argument(
+        "--gpu-mem", type=float, default=None, metavar="GiB",
+        help="GPU memory per worker (default: scaling.gpu_memory_gb, else 80)",
+    )
+    p.add_argument(
+        "--cpu-mem", type=float, default=None, metavar="GiB",
+        help="host memory per worker (default: scaling.memory_per_worker_gb; unchecked without)",
+    )
     p.add_argument("--cpus", type=float, default=None, metavar="N", help="CPU cores per worker (default: not checked)")
     p.add_argument("--stage", default=None, metavar="NAME", help="plan only this stage")
     p.add_argument("--json", action="store_true", help="print one JSON object last")

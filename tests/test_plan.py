@@ -1,0 +1,258 @@
+"""``revcol plan``: numbers that could be wrong, checked against independent counts and real measurements.
+
+* parameter bytes are 4 × the parameter count of the model built on ``meta`` (and the official count);
+* ZeRO shards the 16 bytes/parameter of fp32 weights + AdamW by the number of workers (plus DeepSpeed's separate
+  fp32 master partition), and DeepSpeed's own estimator differs only by its 16-bit-weights assumption;
+* the traced activation memory matches real CPU runs of the same step (``memory_kept_for_backward`` and the heap
+  peak through backward; nothing is calibrated, so any resolution will do), and doubles with the micro-batch;
+* leaving out columns beyond the third (fourth with intermediate supervision) changes no traced byte;
+* RevCol-H at 640 px: ZeRO-0 on 8× 80 GB is refused naming the fix; ZeRO-3 bf16 at a small micro-batch fits;
+* the CLI: ``--json`` last line, exit status 0 when it fits, 1 with the reason when it does not.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import revcol
+from pipeline.config import RegularizeConfig, StageConfig, load_recipe
+from pipeline.plan import ClusterShape, activation_trace, model_stats, plan_recipe, plan_stage
+from pipeline.train.engine import Objective
+from revcol.measure import heap_in_use, memory_kept_for_backward
+
+ROOT = Path(__file__).resolve().parents[1]
+H_RECIPE = ROOT / "jobs" / "revcol_h_224_640.yaml"
+LAYOUTS = ROOT / "tests" / "assets" / "official_revcol_layouts.json"
+GiB = 2**30
+
+
+def _stage(name: str = "revcol_test", *, size: int = 64, batch: int = 4, intersup: bool = False, **ds) -> StageConfig:
+    return StageConfig.model_validate(
+        {
+            "kind": "pretrain",
+            "data": {"train": "shards/x", "image_size": size, "batch_size": batch},
+            "model": {"name": name, "num_classes": 10 if name == "revcol_test" else 1000, "intersup": intersup},
+            "deepspeed": ds,
+            "regularize": {"mixup": 0.0, "cutmix": 0.0},
+        }
+    )
+
+
+def _item(plan, prefix: str) -> int:
+    return sum(i.bytes for i in plan.items if i.name.startswith(prefix) and "persistent" in i.phases)
+
+
+# --------------------------------------------------------------------------------------------- model states
+# These share one activation trace (cached in-process): RevCol-H's 640-px finetune, at any ZeRO stage.
+def _h_finetune(*overrides: str) -> StageConfig:
+    return load_recipe(H_RECIPE, [f"stages.finetune_640.{o}" for o in overrides]).stage("finetune_640")
+
+
+def _plan(stage: StageConfig, *, workers: int = 8, **kwargs):
+    kwargs.setdefault("with_deepspeed_estimate", False)
+    return plan_stage(stage, ClusterShape(workers=workers), suggest=False, **kwargs)
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_parameter_bytes_are_four_per_parameter_of_the_meta_model(zero: int) -> None:
+    with torch.device("meta"):
+        meta = revcol.create_model("revcol_huge", num_classes=1000)
+    params = sum(p.numel() for p in meta.parameters())
+    assert params == json.loads(LAYOUTS.read_text())["revcol_huge_1000"]["params"] == 2_157_600_160
+    stage = _h_finetune(f"deepspeed.zero_stage={zero}")
+    assert model_stats(stage).params == params
+    own = -(-params // 8) if zero == 3 else params
+    assert _item(_plan(stage), "parameters (fp32") == 4 * own
+
+
+def test_zero_stages_shard_model_states_by_the_number_of_workers() -> None:
+    plans = {z: _plan(_h_finetune(f"deepspeed.zero_stage={z}")) for z in range(4)}
+    p = plans[0].stats.params
+    sharded16 = {z: _item(plans[z], "parameters (fp32") + _item(plans[z], "gradients") + _item(plans[z], "AdamW state")
+                 for z in range(4)}
+    assert sharded16[0] == 16 * p  # fp32 weights + fp32 gradients + AdamW (exp_avg, exp_avg_sq)
+    assert sharded16[3] == pytest.approx(sharded16[0] / 8, rel=0.02)
+    # DeepSpeed keeps a separate fp32 master partition under ZeRO-1/2/3 (measured on real engines).
+    for z in (1, 2, 3):
+        assert _item(plans[z], "master weights") == pytest.approx(4 * p / 8, rel=1e-6)
+    assert plans[3].model_state_bytes == pytest.approx(plans[0].model_state_bytes / 8 * 20 / 16, rel=0.02)
+    states = [plans[z].model_state_bytes for z in range(4)]
+    assert states[0] > states[1] >= states[2] > states[3]
+    # EMA (0.9999 in this recipe) is sharded like the weights only under ZeRO-3.
+    assert _item(plans[0], "EMA weights") == 4 * p and _item(plans[3], "EMA weights") == 4 * -(-p // 8)
+
+
+def test_deepspeed_estimate_differs_only_by_its_16_bit_weights() -> None:
+    """DeepSpeed's ZeRO-3 estimate is 4·largest_layer + 18·P/W (2-byte weights and gradients, fp32 gradient copy,
+    master, AdamW); ours is 20·P/W for fp32 weights. With the largest layer taken off, they are 18:20."""
+    plan = _plan(_h_finetune(), with_deepspeed_estimate=True)
+    est = plan.deepspeed_estimate
+    assert est["function"].endswith("estimate_zero3_model_states_mem_needs")
+    ours = _item(plan, "parameters (fp32") + _item(plan, "gradients") + _item(plan, "master") + _item(plan, "AdamW")
+    theirs = est["gpu_bytes"] - 4 * plan.stats.largest_layer_params
+    assert theirs == pytest.approx(ours * 18 / 20, rel=0.01)
+
+
+def test_optimizer_offload_moves_state_to_the_host() -> None:
+    plan = _plan(_h_finetune("deepspeed.offload_optimizer=cpu"))
+    tiers = {i.name.split(" (")[0]: i.tier for i in plan.items}
+    assert tiers["AdamW state"] == tiers["master weights"] == "host"
+    assert tiers["parameters"] == "gpu"
+    adam = _item(plan, "AdamW state")
+    assert adam == 8 * -(-plan.stats.params // 8)
+    assert plan.persistent_bytes("host") >= adam
+    assert plan.persistent_bytes("gpu") < _plan(_h_finetune()).persistent_bytes("gpu") - adam
+
+
+# ------------------------------------------------------------------------------------------------ activations
+class _HeapPeak(TorchDispatchMode):
+    """Samples the process heap after every aten op (real CPU tensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, heap_in_use())
+        return out
+
+
+def _measure(stage: StageConfig) -> tuple[int, int]:
+    """Memory kept for backward and heap peak through backward of one real CPU step of ``stage``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: intra-op threads only spin (and the machine is shared)
+    try:
+        return _measure_step(stage)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_step(stage: StageConfig) -> tuple[int, int]:
+    torch.manual_seed(0)
+    mc = stage.model
+    model = revcol.create_model(mc.name, num_classes=mc.num_classes, intersup=mc.intersup)
+    cfg = revcol.model_cfg(mc.name)
+    objective = Objective(model, RegularizeConfig(), mean=cfg["mean"], std=cfg["std"])
+    b, s = stage.data.batch_size, stage.data.image_size
+    images, labels = torch.randn(b, 3, s, s), torch.randint(0, mc.num_classes, (b,))
+
+    def loss_fn(m, x):
+        return m(x, labels)[0]
+
+    memory_kept_for_backward(objective, images, loss_fn)  # creates the gradient buffers
+    kept = memory_kept_for_backward(objective, images, loss_fn)
+    gc.collect()
+    before, peak = heap_in_use(), _HeapPeak()
+    with peak:
+        loss, logits = objective(images, labels)
+        loss.backward()
+        del loss, logits
+    return kept, peak.peak - before
+
+
+@pytest.mark.parametrize(
+    ("size", "batch", "intersup"), [(96, 8, True), (160, 16, False)]
+)
+def test_traced_activations_match_a_real_cpu_step(size: int, batch: int, intersup: bool) -> None:
+    stage = _stage(size=size, batch=batch, intersup=intersup)
+    trace = activation_trace(stage)
+    kept, peak = _measure(stage)
+    assert trace.kept_bytes == pytest.approx(kept, rel=0.25)
+    assert trace.backward_peak_bytes == pytest.approx(peak, rel=0.25)
+    assert trace.backward_peak_bytes > trace.kept_bytes  # the backward transient is there
+
+
+def test_doubling_the_micro_batch_doubles_activations() -> None:
+    one, two = activation_trace(_stage(batch=8)), activation_trace(_stage(batch=16))
+    for field in ("kept_bytes", "forward_peak_bytes", "backward_peak_bytes", "forward_flops"):
+        assert getattr(two, field) / getattr(one, field) == pytest.approx(2.0, rel=0.1), field
+
+
+@pytest.mark.parametrize("intersup", [False, True])
+def test_columns_beyond_the_third_change_no_traced_byte(intersup: bool) -> None:
+    from pipeline.plan import _trace_cached
+
+    args = dict(name="revcol_test", num_classes=10, intersup=intersup, reversible=True, drop_path_rate=0.2,
+                overrides=json.dumps({"num_subnet": 8}), image_size=64, micro_batch=2, train=True, soft_targets=False)
+    assert _trace_cached(**args) == _trace_cached(**args, all_columns=True)
+
+
+# ------------------------------------------------------------------------------------------------- RevCol-H
+def test_huge_640_zero0_is_refused_naming_the_fix() -> None:
+    recipe = load_recipe(H_RECIPE, ["stages.finetune_640.deepspeed.zero_stage=0"])
+    plan = plan_recipe(recipe, stage="finetune_640")
+    (stage,) = plan.stages
+    assert not plan.fits and stage.required_bytes("gpu") > 80 * GiB
+    assert "per GPU" in stage.problems[0] and "has 80.0 GiB" in stage.problems[0]
+    fixes = [s["set"] for s in stage.suggestions if s["fits"]]
+    assert ["stages.finetune_640.deepspeed.zero_stage=3"] in fixes
+    refusal = plan.refusal()
+    assert "does not fit" in refusal and "--set stages.finetune_640.deepspeed.zero_stage=3" in refusal
+    assert "--set stages.finetune_640.data.batch_size=" in refusal  # a smaller micro-batch, same global batch
+
+
+def test_huge_640_zero3_bf16_at_a_small_micro_batch_fits() -> None:
+    recipe = load_recipe(
+        H_RECIPE, ["stages.finetune_640.data.batch_size=8", "stages.finetune_640.deepspeed.grad_accum=16"]
+    )
+    plan = plan_recipe(recipe, stage="finetune_640")
+    (stage,) = plan.stages
+    assert plan.fits and (stage.zero_stage, stage.precision, stage.micro_batch) == (3, "bf16", 8)
+    assert stage.required_bytes("gpu") < 40 * GiB
+    assert stage.stats.params == 2_157_600_160
+
+
+def test_host_memory_and_cpus_are_checked() -> None:
+    recipe = load_recipe(H_RECIPE)
+    small = ClusterShape.from_recipe(recipe, host_mem_gib=8, cpus_per_worker=2)
+    plan = plan_recipe(recipe, small, stage="finetune_640", suggest=False)
+    problems = " ".join(plan.stages[0].problems)
+    assert "host memory per worker" in problems and "has 8.0 GiB" in problems
+    assert "needs 12 CPUs per worker" in problems and "lower scaling.data_cpus" in problems
+    with pytest.raises(ValueError, match="gpu memory must be > 0 GiB, got -1"):
+        ClusterShape(workers=8, gpu_mem_gib=-1)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "plan", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_json_for_the_huge_recipe() -> None:
+    proc = _cli(str(H_RECIPE), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["verdict"] == "fits" and out["fits"] is True
+    assert [s["stage"] for s in out["stages"]] == ["pretrain_224", "finetune_640", "eval_640"]
+    for s in out["stages"]:
+        assert 0 < s["per_worker_bytes"]["gpu"] <= 80 * GiB and s["per_worker_bytes"]["host"] > 0
+        assert s["verdict"] == "fits"
+    assert "fake tensors" in out["activation_method"]
+    ft = out["stages"][1]
+    assert ft["deepspeed_estimate"]["gpu_bytes"] > 0 and ft["flops"]["step_per_micro_batch"] > 0
+
+
+def test_cli_refuses_a_non_fitting_override_with_the_reason() -> None:
+    recipe = ROOT / "jobs" / "revcol_t_1k.yaml"
+    proc = _cli(str(recipe), "--stage", "eval", "--set", "scaling.gpu_memory_gb=4", "--json")
+    assert proc.returncode == 1
+    assert "does not fit" in proc.stderr and "has 4.0 GiB" in proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["verdict"] == "does not fit" and out["stages"][0]["problems"]
+    assert out["cluster"]["gpu_mem_gib"] == 4 and out["cluster"]["sources"]["gpu_mem_gib"] == "recipe"
+
+
+def test_a_resolution_the_model_cannot_take_is_named() -> None:
+    with pytest.raises(ValueError, match="image size 100 is not a multiple of 32"):
+        activation_trace(_stage(size=100))
