@@ -270,6 +270,12 @@ def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> list[Sta
     Raises:
         RuntimeError: a stage failed (its MLflow run and the parent are marked FAILED; re-running resumes it).
     """
+    if recipe.scaling.use_gpu:  # GPU memory is the hard limit: refuse a misfit before taking any resource
+        from pipeline.plan import plan_recipe
+
+        plan = plan_recipe(recipe, with_deepspeed_estimate=False)
+        if not plan.fits:
+            raise ValueError(plan.refusal())
     runs = _Runs(recipe)
     _log_json_artifact(runs, runs.parent_id, recipe.model_dump(mode="json", exclude={"s3"}), "recipe.json")
     done: dict[str, StageOutcome] = {}
@@ -291,9 +297,12 @@ def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> list[Sta
                 outcome = _eval_stage(recipe, stage, runs, run_id, done)
             else:
                 outcome = _train_stage(recipe, stage, runs, run_id, done)
-        except BaseException:
-            runs.finish(run_id, status="FAILED")
-            runs.finish(runs.parent_id, status="FAILED")
+        except BaseException as err:
+            # Stopped — `ray job stop` sends SIGTERM, which ray.init's handler turns into SystemExit; Ctrl-C —
+            # marks the runs KILLED, any other error FAILED. Either way a re-run resumes them from the checkpoint.
+            status = "KILLED" if isinstance(err, (SystemExit, KeyboardInterrupt)) else "FAILED"
+            runs.finish(run_id, status=status)
+            runs.finish(runs.parent_id, status=status)
             raise
         runs.finish(run_id, tags={"revcol.checkpoint_uri": outcome.checkpoint_uri, "revcol.export_uri": outcome.export_uri})
         _write_result(recipe, stage, outcome)
