@@ -24,7 +24,8 @@ def _print_json(obj: Any) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
-    result = run_demo(workdir=args.workdir, overrides=args.set, seed=args.seed, progress=not args.json)
+    result = run_demo(workdir=args.workdir, overrides=args.set, seed=args.seed, progress=not args.json,
+                      services=args.services)
     if args.json:
         _print_json(result)
     return 0
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key of jobs/demo_digits.yaml (e.g. stages.pretrain.optim.epochs=1)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data split")
+    demo.add_argument("--services", action="store_true",
+                      help="run against a local S3 server + MLflow server (started and stopped by the demo), "
+                           "the way a cluster run does, instead of local storage and a local MLflow store")
     demo.add_argument("--json", action="store_true", help="print one JSON summary object last")
     demo.set_defaults(func=_cmd_demo)
 

@@ -7,11 +7,19 @@
    finetune without pretraining, the baseline) → eval — on a local Ray cluster with 2 Ray Train workers under
    DeepSpeed, local storage and a local MLflow store.
 4. Prints a summary (stage, MLflow run id, samples/s, top-1) and the command that opens the MLflow UI on it.
+
+With ``--services`` (``run_demo(services=True)``) the same chain runs the way a cluster does, against real servers
+on 127.0.0.1 (:mod:`pipeline.services`, as ``infra/local/services.sh`` starts them): checkpoints and exports in an S3
+server (``s3://revcol-demo/demo``), tracking on an MLflow server (SQLite in ``WORKDIR/services/mlflow.db``,
+artifacts in the same S3). Both stop when the demo ends; the S3 data lives in memory and goes with them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 RECIPE = Path(__file__).resolve().parent.parent / "jobs" / "demo_digits.yaml"
 SPLITS = {"pretrain": 0.6, "finetune": 0.2, "test": 0.2}
+SERVICES_BUCKET = "revcol-demo"
+"""The bucket of ``--services``: checkpoints and exports under ``s3://revcol-demo/demo``."""
 
 
 def _split_indices(labels: np.ndarray, *, seed: int) -> dict[str, np.ndarray]:
@@ -77,8 +87,32 @@ def _overrides(workdir: Path) -> list[str]:
     return sets
 
 
+@contextlib.contextmanager
+def _local_services(workdir: Path) -> Iterator[list[str]]:
+    """Starts an S3 server and an MLflow server (a new ``WORKDIR/services/mlflow.db``) on 127.0.0.1 for the demo;
+    yields the recipe overrides that point storage and tracking at them. The S3 server's AWS variables are exported
+    for this process (and so for the local Ray it starts) until both servers stop."""
+    from pipeline.services import MLflowServer, S3Server
+
+    folder = workdir / "services"
+    # The last run's S3 data went with its server: its MLflow runs would be continued without their checkpoints.
+    (folder / "mlflow.db").unlink(missing_ok=True)
+    with S3Server(log_dir=folder) as s3, MLflowServer(s3, folder) as mlflow:
+        s3.create_bucket(SERVICES_BUCKET)
+        saved = {key: os.environ.get(key) for key in s3.env()}
+        os.environ.update(s3.env())
+        try:
+            yield [f"storage_path=s3://{SERVICES_BUCKET}/demo", f"tracking.uri={mlflow.tracking_uri}"]
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
 def run_demo(*, workdir: str | Path = "runs/demo", overrides: list[str] | None = None, seed: int = 0,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, services: bool = False) -> dict[str, Any]:
     """Prepares the data, runs the demo chain and returns its summary (what ``--json`` prints).
 
     Args:
@@ -86,14 +120,24 @@ def run_demo(*, workdir: str | Path = "runs/demo", overrides: list[str] | None =
         overrides: extra ``key=value`` recipe overrides (e.g. fewer epochs).
         seed: seed of the data split.
         progress: show progress bars while writing shards.
+        services: run against a local S3 server (storage) and MLflow server (tracking) started for the demo and
+            stopped after it, instead of local storage and a local MLflow store. Needs a local Ray (not
+            ``RAY_ADDRESS``): the S3 variables reach the workers through this process's environment.
     """
     from pipeline.config import load_recipe
     from pipeline.stages import run_pipeline
 
     workdir = Path(workdir).resolve()
+    if services and os.environ.get("RAY_ADDRESS"):
+        raise ValueError(f"--services starts its own servers for a local Ray; unset RAY_ADDRESS "
+                         f"({os.environ['RAY_ADDRESS']!r}) or point the recipe at shared services with --set")
     prepare_digits(workdir, seed=seed, progress=progress)
-    recipe = load_recipe(RECIPE, [*_overrides(workdir), *(overrides or [])])
-    outcomes = run_pipeline(recipe)
+    with contextlib.ExitStack() as stack:
+        sets = _overrides(workdir)
+        if services:
+            sets += stack.enter_context(_local_services(workdir))
+        recipe = load_recipe(RECIPE, [*sets, *(overrides or [])])
+        outcomes = run_pipeline(recipe)
     summary = {
         "recipe": recipe.name,
         "tracking_uri": recipe.tracking.uri,
@@ -104,6 +148,10 @@ def run_demo(*, workdir: str | Path = "runs/demo", overrides: list[str] | None =
         },
         "mlflow_ui": f"mlflow ui --backend-store-uri {recipe.tracking.uri}",
     }
+    if services:  # the server is gone; its runs stay in its SQLite store (their artifacts went with the S3 data)
+        summary["tracking_uri"] = f"sqlite:///{workdir / 'services' / 'mlflow.db'}"
+        summary["storage_path"] = recipe.storage_path
+        summary["mlflow_ui"] = f"mlflow ui --backend-store-uri {summary['tracking_uri']}"
     _print_summary(summary)
     return summary
 
