@@ -17,8 +17,12 @@ An epoch lists every shard ``--repeat-shards`` times (8,000 samples by default),
 shuffle buffers weigh as they would on a real dataset less. Each run warms up (the first batches of an epoch: worker
 processes start, imports), then times ``--epochs`` epochs: their samples over their wall time, per-epoch start-up
 included (``first_batch_s`` reports it). The ceiling has no start-up at all, so it stays an upper bound. The
-consumer's torch uses one thread. Every measurement records the machine's 1-minute load average. Prints one JSON
-object per measurement and a summary with the ratios ours/dataloader (target >= 1.0) and ours/ceiling (>= 0.9).
+consumer's torch uses one thread. Every measurement records the machine's 1-minute load average and
+``cpu_ms_per_sample``, the CPU time of the whole process tree (DataLoader workers, every Ray process) per sample:
+on a machine shared with other work, wall-clock rates swing with their load, CPU per sample hardly does; the
+summary's ``cpu_efficiency/X`` is the ceiling's CPU per sample over X's (1.0: no overhead beyond decode + augment).
+Prints one JSON object per measurement and a summary with the ratios ours/dataloader (target >= 1.0) and
+ours/ceiling (>= 0.9).
 
     python benchmarks/input_pipeline.py [--images 2000] [--workers N] [--batch 64] [--cache-dir DIR] [--thp]
 """
@@ -126,28 +130,86 @@ def _samples_in_memory(urls: list[str], limit: int) -> list[tuple[bytes, int]]:
 # ------------------------------------------------------------------------------------------------- measurements
 
 
+class _CpuMeter:
+    """CPU time of this process and all its descendants (DataLoader workers, every Ray process) over a window.
+
+    Descendants come and go (Ray retires idle workers), so a thread samples them every ``interval`` seconds and
+    keeps each one's last reading; a process that exits loses at most its last interval.
+    """
+
+    def __init__(self, interval: float = 0.2) -> None:
+        import threading
+
+        self.interval = interval
+        self._first: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self, *, first: bool = False) -> None:
+        import psutil
+
+        me = psutil.Process()
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            used = times.user + times.system
+            if first:
+                self._first[proc.pid] = used
+            self._first.setdefault(proc.pid, 0.0)
+            self._last[proc.pid] = used
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self) -> _CpuMeter:
+        self._sample(first=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    @property
+    def seconds(self) -> float:
+        """CPU seconds used inside the window."""
+        return sum(self._last[pid] - self._first[pid] for pid in self._last)
+
+
 def _timed(epochs: Callable[[], Iterable[Any]], size_of: Callable[[Any], int], *, count: int) -> dict[str, Any]:
-    """A warm-up (the first batches of an epoch: worker processes start, imports), then ``count`` timed epochs."""
+    """A warm-up (the first batches of an epoch: worker processes start, imports), then ``count`` timed epochs.
+
+    Besides wall-clock throughput it reports ``cpu_ms_per_sample``: CPU time of this process tree per sample, which
+    the load other programs put on the machine barely changes.
+    """
     for i, _ in enumerate(epochs()):
         if i == WARMUP_BATCHES:
             break
     start = time.perf_counter()
     total = 0
     first_batch: list[float] = []
-    for _ in range(count):
-        epoch_start = time.perf_counter()
-        first = None
-        for batch in epochs():
-            if first is None:
-                first = time.perf_counter() - epoch_start
-            total += size_of(batch)
-        first_batch.append(first if first is not None else float("nan"))
-    seconds = time.perf_counter() - start
+    with _CpuMeter() as meter:
+        for _ in range(count):
+            epoch_start = time.perf_counter()
+            first = None
+            for batch in epochs():
+                if first is None:
+                    first = time.perf_counter() - epoch_start
+                total += size_of(batch)
+            first_batch.append(first if first is not None else float("nan"))
+        seconds = time.perf_counter() - start
+    cpu = meter.seconds
     return {
         "epochs": count,
         "samples": total,
         "seconds": seconds,
         "samples_per_s": total / seconds,
+        "cpu_ms_per_sample": 1e3 * cpu / max(total, 1),
         "first_batch_s": statistics.median(first_batch),
     }
 
@@ -162,19 +224,21 @@ def measure_ceiling(samples: list[tuple[bytes, int]], transform: Callable[[Any],
 
     for raw, _ in samples[:20]:  # warm-up
         one(raw)
+    cpu = time.process_time()
     start = time.perf_counter()
     for raw, _ in samples:
         one(raw)
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     single = len(samples) / seconds
     return {"samples": len(samples), "seconds": seconds, "single_process_samples_per_s": single,
-            "samples_per_s": single * workers}
+            "samples_per_s": single * workers, "cpu_ms_per_sample": 1e3 * cpu / len(samples)}
 
 
 _PARALLEL: dict[str, Any] = {}
 
 
-def _ceiling_child(rank: int) -> tuple[int, float]:
+def _ceiling_child(rank: int) -> tuple[int, float, float]:
     samples, transform, barrier = _PARALLEL["samples"], _PARALLEL["transform"], _PARALLEL["barrier"]
     import torch
     from PIL import Image
@@ -183,12 +247,13 @@ def _ceiling_child(rank: int) -> tuple[int, float]:
     for raw, _ in samples[:10]:
         transform(Image.open(io.BytesIO(raw)).convert("RGB"))
     barrier.wait()
+    cpu = time.process_time()
     start = time.perf_counter()
     for raw, _ in samples:
         image = Image.open(io.BytesIO(raw))
         image.load()
         transform(image.convert("RGB") if image.mode != "RGB" else image)
-    return len(samples), time.perf_counter() - start
+    return len(samples), time.perf_counter() - start, time.process_time() - cpu
 
 
 def measure_ceiling_parallel(samples: list[tuple[bytes, int]], transform: Callable[[Any], Any], workers: int) -> dict:
@@ -200,8 +265,10 @@ def measure_ceiling_parallel(samples: list[tuple[bytes, int]], transform: Callab
     with ctx.Pool(workers) as pool:
         done = pool.map(_ceiling_child, range(workers))
     _PARALLEL.clear()
-    return {"samples": sum(n for n, _ in done), "seconds": max(t for _, t in done),
-            "samples_per_s": sum(n / t for n, t in done)}
+    samples_done = sum(n for n, _, _ in done)
+    return {"samples": samples_done, "seconds": max(t for _, t, _ in done),
+            "samples_per_s": sum(n / t for n, t, _ in done),
+            "cpu_ms_per_sample": 1e3 * sum(c for _, _, c in done) / samples_done}
 
 
 def measure_dataloader(urls: list[str], transform: Callable[[Any], Any], workers: int, batch: int, *,
@@ -312,9 +379,6 @@ def main() -> None:
     wanted = set(args.only or list(CONTENDERS))
 
     temp = tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp")
-    ray.init(num_cpus=args.workers, include_dashboard=False, _temp_dir=temp, configure_logging=False,
-             log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
     runs: dict[str, list[dict[str, Any]]] = {}
     contenders: dict[str, Callable[[], dict]] = {
         "ceiling": lambda: measure_ceiling(in_memory, transform, args.workers),
@@ -333,6 +397,13 @@ def main() -> None:
             for name, run in contenders.items():
                 if name not in wanted:
                     continue
+                uses_ray = name.startswith(("ours", "ray_"))
+                if uses_ray and not ray.is_initialized():  # Ray's processes exist only while Ray contenders run
+                    ray.init(num_cpus=args.workers, include_dashboard=False, _temp_dir=temp,
+                             configure_logging=False, log_to_driver=False)
+                    ray.data.DataContext.get_current().enable_progress_bars = False
+                elif not uses_ray and ray.is_initialized():
+                    ray.shutdown()
                 result = {"measurement": "input_pipeline", "name": name, "repeat": repeat, **common, **run(),
                           "load_avg_1m": round(os.getloadavg()[0], 2)}
                 runs.setdefault(name, []).append(result)
@@ -342,8 +413,13 @@ def main() -> None:
         shutil.rmtree(temp, ignore_errors=True)
 
     rate = {name: statistics.median(r["samples_per_s"] for r in rs) for name, rs in runs.items()}
+    cpu = {name: statistics.median(r["cpu_ms_per_sample"] for r in rs) for name, rs in runs.items()}
     summary: dict[str, Any] = {"measurement": "input_pipeline_summary", **common,
-                               "samples_per_s": {k: round(v, 1) for k, v in rate.items()}}
+                               "samples_per_s": {k: round(v, 1) for k, v in rate.items()},
+                               "cpu_ms_per_sample": {k: round(v, 3) for k, v in cpu.items()}}
+    for name in ("ours", "ours_unordered", "dataloader", "ray_read_webdataset"):
+        if name in cpu and "ceiling" in cpu:  # CPU efficiency: the ceiling's CPU per sample over the contender's
+            summary[f"cpu_efficiency/{name}"] = round(cpu["ceiling"] / cpu[name], 3)
     if "ours" in rate:
         for other, target in (("dataloader", 1.0), ("ceiling", 0.9), ("ceiling_parallel", None),
                               ("ray_read_webdataset", None)):
