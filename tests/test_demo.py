@@ -43,7 +43,7 @@ def demo(tmp_path_factory):
 
 def test_chain_runs_every_stage_and_learns(demo):
     stages = demo["first"]["stages"]
-    assert list(stages) == ["pretrain", "finetune", "scratch", "eval"]
+    assert set(stages) == {"pretrain", "finetune", "scratch", "eval"}
     assert all(s["status"] == "FINISHED" for s in stages.values())
     assert stages["eval"]["top1"] > 0.5  # ten digits: chance is 0.1
     assert stages["eval"]["metrics"]["val/top5"] >= stages["eval"]["top1"]
