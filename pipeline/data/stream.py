@@ -75,6 +75,7 @@ CPU-only trainers: the ``uint8`` → float conversion of a batch allocates a fre
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -1315,6 +1316,21 @@ def _raise_skip_error(control: Any, err: BaseException) -> None:
         raise DataSkipError(fatal) from err
 
 
+@contextlib.contextmanager
+def _pass_guard(control: Any, iterator: Any) -> Iterator[None]:
+    """Around one pass: a failure caused by too much skipped input surfaces as DataSkipError, and the Ray
+    iterator is closed on any exit (an early exit stops Ray's executor now, not at garbage collection)."""
+    try:
+        yield
+    except DataSkipError:
+        raise
+    except Exception as err:
+        _raise_skip_error(control, err)
+        raise
+    finally:
+        _close(iterator)
+
+
 def iter_train_batches(
     source: Any,
     *,
@@ -1376,7 +1392,7 @@ def iter_train_batches(
         local_shuffle_buffer_size=buffer or None,
         local_shuffle_seed=(mix_seed(info["seed"], epoch, rank, 0xB0F) % 2**32) if buffer else None,
     ))
-    try:
+    with _pass_guard(control, iterator):
         for rows in iterator:
             images = _tensor(rows["image"]).to(dev, non_blocking=True)
             generator.manual_seed(mix_seed(info["seed"], epoch, int(rows["shard"][0]), int(rows["index"][0])))
@@ -1390,13 +1406,6 @@ def iter_train_batches(
             }
             position.mark(rows)
             yield batch
-    except DataSkipError:
-        raise
-    except Exception as err:
-        _raise_skip_error(control, err)
-        raise
-    finally:
-        _close(iterator)  # an early exit stops Ray's executor now, not at garbage collection
     position.next_epoch()
 
 
@@ -1450,7 +1459,7 @@ def iter_eval_batches(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     iterator = iter(source.iter_batches(batch_size=info["batch_size"], batch_format="numpy",
                                         prefetch_batches=prefetch_batches))
-    try:
+    with _pass_guard(control, iterator):
         for rows in iterator:
             images = _tensor(rows["image"]).to(dev, non_blocking=True)
             yield {
@@ -1460,10 +1469,3 @@ def iter_eval_batches(
                 "shard": _tensor(rows["shard"]).to(torch.int64),
                 "index": _tensor(rows["index"]).to(torch.int64),
             }
-    except DataSkipError:
-        raise
-    except Exception as err:
-        _raise_skip_error(control, err)
-        raise
-    finally:
-        _close(iterator)
