@@ -173,7 +173,37 @@ class _Process:
             time.sleep(0.1)
 
 
-class S3Server:
+class _Service:
+    """Base of the local services: one process this object starts and stops; usable as a context manager."""
+
+    _process: _Process
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the service's (leader) process; None when stopped."""
+        return self._process.pid
+
+    @property
+    def running(self) -> bool:
+        """Whether the service's (leader) process is alive."""
+        return self._process.alive()
+
+    def start(self) -> Any:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class S3Server(_Service):
     """``moto_server`` on the loopback interface: a real HTTP S3 API holding its data in memory.
 
     Args:
@@ -195,16 +225,6 @@ class S3Server:
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.startup_timeout = startup_timeout
         self._process = _Process("s3 (moto)", self.log_dir / "s3.log" if self.log_dir else None)
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the server process (None when stopped)."""
-        return self._process.pid
-
-    @property
-    def running(self) -> bool:
-        """Whether the server process is alive."""
-        return self._process.alive()
 
     @property
     def endpoint_url(self) -> str:
@@ -315,16 +335,8 @@ class S3Server:
         self._process.stop(group=False, timeout=timeout)
         self.port = None
 
-    def __enter__(self) -> S3Server:
-        return self.start()
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
-class MLflowServer:
+class MLflowServer(_Service):
     """``mlflow server`` on the loopback interface: SQLite backend, artifacts proxied into an S3 bucket.
 
     Args:
@@ -355,16 +367,6 @@ class MLflowServer:
         self.workers = workers
         self.startup_timeout = startup_timeout
         self._process = _Process("mlflow", self.workdir / "mlflow.log")
-
-    @property
-    def pid(self) -> int | None:
-        """PID of the server's leader process (its process group id; None when stopped)."""
-        return self._process.pid
-
-    @property
-    def running(self) -> bool:
-        """Whether the server's leader process is alive."""
-        return self._process.alive()
 
     @property
     def tracking_uri(self) -> str:
@@ -438,14 +440,6 @@ class MLflowServer:
         """
         self._process.stop(group=True, timeout=timeout)
         self.port = None
-
-    def __enter__(self) -> MLflowServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def _export_lines(s3: S3Server, mlflow: MLflowServer | None) -> list[str]:
