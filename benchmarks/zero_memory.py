@@ -33,7 +33,7 @@ def _ideal_bytes(stage: int, params: int, world: int) -> float:
     return per * params
 
 
-def _worker(rank: int, world: int, port: int, mode: str, model_name: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, mode: str, model_name: str, stage: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     import gc
@@ -48,38 +48,35 @@ def _worker(rank: int, world: int, port: int, mode: str, model_name: str, out: s
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
-    results = {}
-    for stage in (0, 1, 2, 3):
-        gc.collect()
-        before = heap_in_use()
-        torch.manual_seed(0)
-        model = revcol.create_model(model_name, num_classes=1000)
-        params = sum(p.numel() for p in model.parameters())
-        objective = Objective(model, RegularizeConfig(), mean=(0.5,) * 3, std=(0.5,) * 3)
-        optim = OptimConfig()
-        optimizer = build_optimizer(param_groups(model, optim), optim, lr=1e-4)
-        batch, size = (1, 32) if mode == "memory" else (4, 64)
-        ds = DeepSpeedConfig(zero_stage=stage, extra=SMALL)
-        engine = build_engine(objective, optimizer, deepspeed_config(ds, micro_batch=batch))
-        del model, optimizer
-        x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
-        steps = 2 if mode == "memory" else 5
-        kept = 0
-        start = time.perf_counter()
-        for step in range(steps):
-            if step == 1:
-                start = time.perf_counter()  # the first step allocates optimizer state: not timed
-            loss, _ = engine(x, y)
-            engine.backward(loss)
-            if step == steps - 1 and mode == "memory":
-                gc.collect()
-                kept = heap_in_use() - before  # everything that lives between steps, at its peak
-            engine.step()
-        seconds = time.perf_counter() - start
-        results[stage] = {"params": params, "bytes": kept, "samples_per_s": batch * world * (steps - 1) / seconds}
-        engine.destroy()
-        del engine, objective
-        gc.collect()
+    # One ZeRO stage per process pair (see _run): copies freed inside a process are not returned between stages.
+    gc.collect()
+    before = heap_in_use()
+    torch.manual_seed(0)
+    model = revcol.create_model(model_name, num_classes=1000)
+    params = sum(p.numel() for p in model.parameters())
+    objective = Objective(model, RegularizeConfig(), mean=(0.5,) * 3, std=(0.5,) * 3)
+    optim = OptimConfig()
+    optimizer = build_optimizer(param_groups(model, optim), optim, lr=1e-4)
+    batch, size = (1, 32) if mode == "memory" else (4, 64)
+    ds = DeepSpeedConfig(zero_stage=stage, extra=SMALL)
+    engine = build_engine(objective, optimizer, deepspeed_config(ds, micro_batch=batch))
+    del model, optimizer
+    x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
+    steps = 2 if mode == "memory" else 5
+    kept = 0
+    start = time.perf_counter()
+    for step in range(steps):
+        if step == 1:
+            start = time.perf_counter()  # the first step allocates optimizer state: not timed
+        loss, _ = engine(x, y)
+        engine.backward(loss)
+        if step == steps - 1 and mode == "memory":
+            gc.collect()
+            kept = heap_in_use() - before  # everything that lives between steps, at its peak
+        engine.step()
+    seconds = time.perf_counter() - start
+    results = {stage: {"params": params, "bytes": kept, "samples_per_s": batch * world * (steps - 1) / seconds}}
+    engine.destroy()
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, results)
     if rank == 0:
@@ -88,8 +85,13 @@ def _worker(rank: int, world: int, port: int, mode: str, model_name: str, out: s
 
 
 def _run(mode: str, model_name: str, world: int, out: str) -> list[dict]:
-    mp.spawn(_worker, args=(world, free_port(), mode, model_name, out), nprocs=world, join=True)
-    return torch.load(out, weights_only=False)
+    """Per rank, ``{stage: measurements}`` over ZeRO 0-3, each stage in a fresh pair of processes."""
+    merged: list[dict] = [{} for _ in range(world)]
+    for stage in (0, 1, 2, 3):
+        mp.spawn(_worker, args=(world, free_port(), mode, model_name, stage, out), nprocs=world, join=True)
+        for rank, result in enumerate(torch.load(out, weights_only=False)):
+            merged[rank].update(result)
+    return merged
 
 
 def main() -> None:
