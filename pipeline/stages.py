@@ -71,7 +71,7 @@ class _Runs:
     def __init__(self, recipe: Recipe) -> None:
         from mlflow.tracking import MlflowClient
 
-        from pipeline.tracking import flatten_params
+        from pipeline.tracking import flatten_params, log_new_params
 
         self.uri = recipe.tracking.uri
         self.client = MlflowClient(self.uri)
@@ -91,20 +91,12 @@ class _Runs:
                 tags={"revcol.pipeline": recipe.name, "revcol.role": "pipeline"},
             )
             self.parent_id = run.info.run_id
-            self._log_params(self.parent_id, flatten_params(recipe.model_dump(mode="json")))
+            log_new_params(self.client, self.parent_id, flatten_params(recipe.model_dump(mode="json")))
         self.recipe = recipe
-
-    def _log_params(self, run_id: str, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(run_id).data.params
-        new = [Param(k, v) for k, v in params.items() if k not in existing]
-        for start in range(0, len(new), 100):
-            self.client.log_batch(run_id, params=new[start : start + 100])
 
     def stage_run(self, stage: StageConfig) -> str:
         """The stage's child run: the existing one (resumed stage) or a new one."""
-        from pipeline.tracking import flatten_params
+        from pipeline.tracking import flatten_params, log_new_params
 
         found = self.client.search_runs(
             [self.experiment_id],
@@ -120,7 +112,7 @@ class _Runs:
             tags={"mlflow.parentRunId": self.parent_id, "revcol.stage": stage.name, "revcol.kind": stage.kind,
                   "revcol.pipeline": self.recipe.name},
         )
-        self._log_params(run.info.run_id, flatten_params(stage.model_dump(mode="json")))
+        log_new_params(self.client, run.info.run_id, flatten_params(stage.model_dump(mode="json")))
         return run.info.run_id
 
     def finish(self, run_id: str, *, status: str = "FINISHED", tags: dict[str, str] | None = None) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["MemoryTracker", "MLflowTracker", "NullTracker", "Tracker", "flatten_params", "redact", "start_run"]
+__all__ = ["MemoryTracker", "MLflowTracker", "NullTracker", "Tracker", "flatten_params", "log_new_params", "redact", "start_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,13 +177,8 @@ class MLflowTracker:
         self._flush()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
         try:
-            existing = self.client.get_run(self.run_id).data.params
-            new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
-            for start in range(0, len(new), 100):
-                self.client.log_batch(self.run_id, params=new[start : start + 100])
+            log_new_params(self.client, self.run_id, params)
         except Exception as err:  # noqa: BLE001
             self._note_down(err)
 
@@ -243,15 +238,21 @@ def start_run(
         params: a (nested) config; logged flattened, secrets removed.
         tags: run tags.
     """
-    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
-    flat = flatten_params(params or {})
-    items = [Param(k, v) for k, v in flat.items()]
-    for start in range(0, len(items), 100):
-        client.log_batch(run.info.run_id, params=items[start : start + 100])
+    log_new_params(client, run.info.run_id, flatten_params(params or {}))
     return run.info.run_id
+
+
+def log_new_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
+    """Logs the params the run does not have yet (MLflow params are write-once), in batches of 100."""
+    from mlflow.entities import Param
+
+    existing = client.get_run(run_id).data.params
+    new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
+    for start in range(0, len(new), 100):
+        client.log_batch(run_id, params=new[start : start + 100])
