@@ -30,10 +30,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
-from pipeline.services import LOOPBACK, ServiceError, free_port
+from pipeline.services import LOOPBACK, ServiceError, _Service, free_port
 
 __all__ = ["RayHead"]
 
@@ -62,7 +61,7 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) or "(empty log)"
 
 
-class RayHead:
+class RayHead(_Service):
     """``ray start --head --block`` on 127.0.0.1 with token authentication; a context manager.
 
     Args:
@@ -244,14 +243,6 @@ class RayHead:
             if self._own_temp_dir and self.temp_dir is not None:
                 shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.ports = {}
-
-    def __enter__(self) -> RayHead:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def _clean_env(base: dict[str, str] | None) -> dict[str, str]:
