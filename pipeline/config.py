@@ -252,7 +252,8 @@ class CheckpointConfig(_Section):
     interval_steps: int = Field(default=500, ge=1)
     """Save every N optimizer steps (and at the end of each epoch)."""
     keep: int = Field(default=2, ge=1)
-    """Keep the last K checkpoints."""
+    """Keep the last K checkpoints, and beside them (``best_step<N>`` in the run folder) the one with the highest
+    ``val/top1`` so far (checkpoints taken right after a validation)."""
     at_epoch_end: bool = True
     """Also checkpoint at the end of every epoch (off for runs of many tiny epochs)."""
     val_interval_epochs: int = Field(default=1, ge=1)

@@ -103,6 +103,11 @@ def test_zero3_stage_with_mlflow_server_and_s3_storage(digits, mlflow_server, s3
     exports = [k for k in keys if k.endswith("export/model.safetensors")]
     assert exports and any(k.endswith("trainer_state.json") for k in keys)
     assert any("zero_pp_rank_1" in k for k in keys)  # both ranks' ZeRO-3 shards made it into the checkpoint
+    folders = {k.split("/")[2] for k in keys if k.count("/") > 2}
+    assert len({f for f in folders if f.startswith("checkpoint_")}) == 2  # checkpoint.keep
+    best = f"best_step{result.metrics['step']:09d}"  # one validation, at the end: the last checkpoint is the best
+    assert {f for f in folders if f.startswith("best_")} == {best}
+    assert any(k.split("/")[2] == best and "zero_pp_rank_1" in k for k in keys)
     body = s3_server.client().get_object(Bucket=s3_bucket, Key=exports[-1])["Body"].read()
     model = revcol.create_model("revcol_test", num_classes=10, intersup=True)
     model.load_state_dict(load(body))  # consolidated, loadable without DeepSpeed

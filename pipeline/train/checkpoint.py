@@ -52,6 +52,7 @@ class TrainerState:
     world_size: int = 1
     zero_stage: int = 0
     best_top1: float | None = None
+    """Highest ``val/top1`` of a checkpoint so far (that checkpoint is kept as the run's ``best_step<N>``)."""
     stream: dict[str, Any] = field(default_factory=dict)
     """The data stream's resumable position."""
 

@@ -9,7 +9,7 @@ from typing import Any
 from pipeline.config import Recipe, StageConfig
 from pipeline.train.loop import StageJob, train_func
 
-__all__ = ["fit_stage", "read_storage", "run_name", "storage", "write_storage"]
+__all__ = ["fit_stage", "keep_best", "read_storage", "run_name", "storage", "write_storage"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +108,32 @@ def latest_checkpoint(recipe: Recipe, stage: StageConfig, *, into: Path) -> Path
             pyarrow.fs.copy_files(entry.path, str(into), source_filesystem=fs)
             return into
     return None
+
+
+BEST_PREFIX = "best_step"
+
+
+def keep_best(local: Path, *, fs: Any, run_folder: str, step: int) -> str:
+    """Keeps this rank's part of the checkpoint just reported (the local folder ``local``) as the run's best:
+    copies it to ``best_step<step>`` in the run folder and, once every rank has, deletes the earlier best.
+    Collective: call on every rank. Returns the new best's path in ``fs``.
+
+    Ray Train rotates the ``checkpoint_*`` folders (the last ``checkpoint.keep``); the best lives beside them
+    because Ray cannot keep "last k plus best" itself, and deleting folders it lists would make it refuse to
+    resume the run (its run snapshot must find every checkpoint it names). Until the new best is complete the
+    old one stays, so a crash here leaves a complete best, and the ``checkpoint_*`` folders are never touched.
+    """
+    import pyarrow.fs
+    import torch.distributed as dist
+
+    name = f"{BEST_PREFIX}{step:09d}"
+    pyarrow.fs.copy_files(str(local), f"{run_folder}/{name}", destination_filesystem=fs)
+    dist.barrier()  # every rank's part is stored before the previous best goes
+    if dist.get_rank() == 0:
+        for entry in fs.get_file_info(pyarrow.fs.FileSelector(run_folder)):
+            if entry.base_name.startswith(BEST_PREFIX) and entry.base_name != name:
+                fs.delete_dir(entry.path)
+    return f"{run_folder}/{name}"
 
 
 def fit_stage(

@@ -200,12 +200,22 @@ def train_func(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, float], *, export: bool = False) -> None:
         state.stream = _merged_position(position)
         state.epoch = position.epoch or 0
+        top1 = metrics.get("val/top1")  # the same on every rank (all-reduced)
+        new_best = top1 is not None and (state.best_top1 is None or top1 > state.best_top1)
+        if new_best:
+            state.best_top1 = top1
         with tempfile.TemporaryDirectory(prefix="revcol-ckpt-") as tmp:
             save_checkpoint(engine, Path(tmp), state, ema=ema, export=export)
             ray.train.report(
                 {**metrics, "step": state.step, "epoch": state.epoch},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
             )
+            if new_best:
+                from pipeline.train.launch import keep_best
+
+                storage = ray.train.get_context().get_storage()
+                keep_best(Path(tmp), fs=storage.storage_filesystem, run_folder=storage.experiment_fs_path,
+                          step=state.step)
 
     trace = _open_trace(stage.data.trace_dir, rank)
     done = state.step >= total_steps
