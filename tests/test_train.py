@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load
+from safetensors.torch import load, load_file
 from mlflow.tracking import MlflowClient
 
 import revcol
@@ -43,8 +43,8 @@ def digits(ray_cluster, tmp_path_factory):
     data = DataConfig(train=str(root / "train"), val=str(root / "test"), batch_size=32, image_size=32,
                       auto_augment=None, random_erasing=0.0, shuffle_buffer=64)
 
-    def datasets(workers: int = 2):
-        return {"train": build_train_dataset(data, model_name="revcol_test", data_cpus=1.0),
+    def datasets(train_cfg: DataConfig, workers: int = 2):
+        return {"train": build_train_dataset(train_cfg, model_name="revcol_test", data_cpus=1.0),
                 "val": build_eval_dataset(data, model_name="revcol_test", num_splits=workers, batch_size=32,
                                           data_cpus=1.0)}
 
@@ -67,7 +67,7 @@ def _recipe(digits, storage: str, *, name: str, workers: int = 2, **stage):
 
 def _fit(recipe, digits, **kwargs):
     stage = recipe.stages[0]
-    return fit_stage(recipe, stage, datasets=digits["datasets"](recipe.scaling.num_workers),
+    return fit_stage(recipe, stage, datasets=digits["datasets"](stage.data, recipe.scaling.num_workers),
                      train_samples=digits["train_samples"], num_classes=10, log_every=5, **kwargs)
 
 
@@ -126,6 +126,40 @@ def test_resume_onto_fewer_workers(digits, tmp_path, caplog):
     assert second.error is None and second.metrics["step"] == 14
     state = json.loads((second.checkpoint.path and open(f"{second.checkpoint.path}/trainer_state.json").read()))
     assert state["world_size"] == 1 and state["step"] == 14
+
+
+@pytest.mark.parametrize("workers, shuffle_buffer, mid_epoch", [
+    pytest.param(2, 64, False, id="2-workers-stop-at-epoch-end"),
+    pytest.param(1, 0, True, id="1-worker-no-shuffle-buffer-stop-mid-epoch"),
+])
+def test_resumed_run_matches_an_uninterrupted_one(digits, tmp_path, capfd, workers, shuffle_buffer, mid_epoch):
+    """A run stopped (``max_steps``) and resubmitted reaches the same loss at step N, and the same weights, as one
+    that ran straight through. The LR schedule is flat after warmup so that both runs' schedules agree (cosine's
+    horizon depends on ``max_steps``). Mid-epoch this holds only for one worker without a shuffle buffer: the
+    resumed pass reads the epoch's remaining samples, which 2 workers split and a shuffle buffer mixes otherwise
+    than the uninterrupted pass did."""
+    per_epoch = digits["train_samples"] // (workers * 32)
+    stop = 10 if mid_epoch else per_epoch
+    step_n = stop + 5 - stop % 5  # the first checkpoint (interval 5) after the stop
+
+    def recipe(name, max_steps):
+        return _recipe(digits, str(tmp_path / "runs"), name=name, workers=workers,
+                       data={"shuffle_buffer": shuffle_buffer},
+                       optim={"epochs": 3, "max_steps": max_steps, "schedule": "constant"})
+
+    straight = _fit(recipe("straight", step_n + 1), digits)
+    stopped = _fit(recipe("resumed", stop), digits)
+    assert stopped.metrics["step"] == stop
+    resumed = _fit(recipe("resumed", step_n + 1), digits)
+    assert f"rank 0 resumed at step {stop}" in "".join(capfd.readouterr())
+
+    def loss_at(result, step):
+        return next(m["train/loss"] for _, m in result.best_checkpoints if m["step"] == step)
+
+    assert loss_at(resumed, step_n) == pytest.approx(loss_at(straight, step_n), rel=1e-6, abs=1e-7)
+    weights = [load_file(f"{r.checkpoint.path}/export/model.safetensors") for r in (straight, resumed)]
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, msg=key)
 
 
 def test_mlflow_outage_buffers_and_delivers(digits, s3_server, tmp_path, capfd):
