@@ -378,16 +378,24 @@ class RevCol(nn.Module):
 
     # ----------------------------------------------------------------------------------------- init and hooks
     def init_weights(self, *, head_init_scale: float | None = None) -> None:
-        """The release's initialization: truncated normal (std .02) for conv/linear weights, zero biases."""
+        """The release's initialization: truncated normal (std .02) for conv/linear weights, zero biases.
+
+        Only through ``apply()``: DeepSpeed's ``zero.Init`` gathers each module's partitioned parameters around
+        ``apply()``, so a model built partitioned gets the same weights as a plain build.
+        """
         self.apply(init_module)
         if head_init_scale is not None:
             self._scale_head(head_init_scale)
 
     def _scale_head(self, scale: float) -> None:
-        with torch.no_grad():
-            for head in self.classifiers():
-                head.classifier[1].weight.mul_(scale)
-                head.classifier[1].bias.mul_(scale)
+        def scale_linear(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                with torch.no_grad():
+                    module.weight.mul_(scale)
+                    module.bias.mul_(scale)
+
+        for head in self.classifiers():
+            head.classifier[1].apply(scale_linear)
 
     def columns(self) -> list[Column]:
         return [getattr(self, f"subnet{i}") for i in range(self.num_subnet)]

@@ -9,6 +9,8 @@ autocast state.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -18,7 +20,7 @@ from torch import nn
 import revcol
 from pipeline.config import DeepSpeedConfig, RegularizeConfig
 
-__all__ = ["Objective", "build_engine", "deepspeed_config"]
+__all__ = ["Objective", "build_engine", "build_model", "deepspeed_config", "largest_param", "zero3_gathered"]
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -28,18 +30,40 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(ds: DeepSpeedConfig, *, micro_batch: int) -> dict[str, Any]:
+# Memory-bounded ZeRO-3 settings (elements, not bytes). DeepSpeed's defaults size buffers for GPUs with tens of
+# GiB: a 5e8-element (2 GB fp32) gradient reduce bucket, up to 1e9 live parameters, and with parameter offload
+# up to 1e9 parameters (4 GB) kept in host memory beside the offload files.
+REDUCE_BUCKET = 50_000_000
+MAX_LIVE_PARAMS = 100_000_000
+# NVMe offload (measured with RevCol-H on a 24 GiB, 2-core node; see benchmarks/revcol_h_offload.py):
+OFFLOAD_SUB_GROUP = 50_000_000  # optimizer state is swapped in per sub-group of this many parameters
+OFFLOAD_PARAM_BUFFERS = 5  # swap buffers (each one parameter) for parameters on their way in from disk
+
+
+def deepspeed_config(ds: DeepSpeedConfig, *, micro_batch: int, largest_param: int = 0) -> dict[str, Any]:
     """The DeepSpeed JSON for a stage: ZeRO stage and offload, precision, accumulation, clipping; ``ds.extra``
-    is merged over it last (expert overrides)."""
+    is merged over it last (expert overrides). ``largest_param`` (elements) sizes the parameter swap buffers of
+    NVMe offload, which must each hold one whole parameter (DeepSpeed's default, 1e8, when not given)."""
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 2:
+        zero["reduce_bucket_size"] = REDUCE_BUCKET
+    if ds.zero_stage == 3:
+        zero["stage3_max_live_parameters"] = MAX_LIVE_PARAMS
+        zero["override_module_apply"] = True  # build_model relies on it
     if ds.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": False}
         if ds.offload_optimizer == "nvme":
             zero["offload_optimizer"]["nvme_path"] = ds.nvme_path
+            zero["sub_group_size"] = OFFLOAD_SUB_GROUP
     if ds.offload_param != "none":
         zero["offload_param"] = {"device": ds.offload_param, "pin_memory": False}
         if ds.offload_param == "nvme":
-            zero["offload_param"]["nvme_path"] = ds.nvme_path
+            zero["offload_param"].update(nvme_path=ds.nvme_path, max_in_cpu=0, buffer_count=OFFLOAD_PARAM_BUFFERS)
+            if largest_param:
+                zero["offload_param"]["buffer_size"] = largest_param
+            # The reversible backward re-uses every forward parameter, so with any reuse distance ZeRO-3 keeps
+            # them all "soon needed", each pinning a swap buffer, and the second forward runs out of buffers.
+            zero["stage3_max_reuse_distance"] = 0
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": ds.grad_accum,
@@ -52,6 +76,31 @@ def deepspeed_config(ds: DeepSpeedConfig, *, micro_batch: int) -> dict[str, Any]
     if ds.precision != "fp32":
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if ds.precision == "bf16" else "float16"}
     return _merge(config, ds.extra)
+
+
+def build_model(build: Callable[[], revcol.RevCol], config: dict[str, Any]) -> revcol.RevCol:
+    """``build()``, or under ZeRO-3 a partitioned build that never holds the whole model in one process.
+
+    ``deepspeed.zero.Init`` partitions each module's parameters as soon as the module is constructed (straight to
+    the offload device when parameters are offloaded). The model's initialization runs through ``apply()``,
+    which ``zero.Init`` (``override_module_apply``, forced on in :func:`deepspeed_config`) wraps to gather one
+    module's parameters at a time: same order, same RNG stream, the same weights as the plain build.
+    """
+    zero = config["zero_optimization"]
+    if zero["stage"] != 3:
+        return build()
+    import deepspeed
+
+    remote = zero.get("offload_param", {}).get("device")
+    with deepspeed.zero.Init(config_dict_or_path=config, remote_device=remote, pin_memory=False):
+        return build()
+
+
+def zero3_gathered(params: list[nn.Parameter]) -> AbstractContextManager:
+    """ZeRO-3 partitioned ``params`` made whole while open; rank 0's changes are kept (broadcast on exit)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 class Objective(nn.Module):
@@ -85,9 +134,42 @@ class Objective(nn.Module):
         return loss, out.logits
 
 
+def largest_param(build: Callable[[], nn.Module]) -> int:
+    """Elements of the largest parameter of ``build()``'s model, from a build on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = build()
+    return max(p.numel() for p in model.parameters())
+
+
+def keep_offload_gradients_in_memory() -> None:
+    """Stops ZeRO-3 from writing each step's fp32 gradients to the NVMe optimizer folder and reading them back.
+
+    DeepSpeed 0.19.8 reads a swapped gradient back wrong when its offset in the flat fp32 partition is not
+    I/O-aligned — silently: almost every parameter of a real model (tests/test_offload.py compares with plain
+    PyTorch; a Linear(512, 7) followed by Linear(512, 512) layers shows it). The round trip is also redundant:
+    ZeRO-3 keeps every gradient in its host gradient buffer until the optimizer step anyway. Recording them as
+    "unswapped" (a view of that buffer, DeepSpeed's own path for small gradients) costs no memory and saves the
+    disk traffic of one fp32 model size per step each way.
+    """
+    from deepspeed.runtime.swap_tensor.optimizer_utils import OptimizerSwapper
+    from deepspeed.runtime.swap_tensor.partitioned_optimizer_swapper import PartitionedOptimizerSwapper
+    from deepspeed.runtime.swap_tensor.pipelined_optimizer_swapper import PipelinedOptimizerSwapper
+
+    def swap_out_gradients(self: OptimizerSwapper, parameter: Any, gradient_offsets: list[int], gradient_tensors: list[torch.Tensor]) -> None:
+        swap_info = self.swap_params_info.get(OptimizerSwapper.parameter_id(parameter))
+        if swap_info is not None:
+            swap_info.unswapped_gradients.update(zip(gradient_offsets, gradient_tensors))
+
+    for swapper in (PartitionedOptimizerSwapper, PipelinedOptimizerSwapper):
+        swapper.swap_out_gradients = swap_out_gradients
+
+
 def build_engine(objective: Objective, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> Any:
     """``deepspeed.initialize`` around the objective with our optimizer (param groups with layer decay)."""
     import deepspeed
+
+    if config["zero_optimization"].get("offload_optimizer", {}).get("device") == "nvme":
+        keep_offload_gradients_in_memory()
 
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, config=config)
     return engine

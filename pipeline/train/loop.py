@@ -7,10 +7,12 @@ Side work (logging, checkpoints, evaluation) runs on intervals, outside the step
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from pipeline.config import Recipe, StageConfig
 from pipeline.data.stream import StreamPosition, iter_train_batches, skipped_counts
 from pipeline.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from pipeline.train.ema import ShardedEma
-from pipeline.train.engine import Objective, build_engine, deepspeed_config
+from pipeline.train.engine import Objective, build_engine, build_model, deepspeed_config, largest_param, zero3_gathered
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
 
 __all__ = ["StageJob", "train_func"]
@@ -60,21 +62,30 @@ def _tracker(job: StageJob, rank: int, fallback_dir: Path) -> Any:
     return MLflowTracker(job.tracking_uri, job.run_id, fallback_dir=fallback_dir)
 
 
-def _build(job: StageJob, recipe: Recipe, stage: StageConfig) -> revcol.RevCol:
+def _model_builder(job: StageJob, stage: StageConfig) -> Callable[[], revcol.RevCol]:
     mc = stage.model
-    model = revcol.create_model(
+    head_init_scale = mc.head_init_scale if not job.init_weights else None  # a loaded head is scaled on reset
+    return functools.partial(
+        revcol.create_model,
         mc.name,
         num_classes=job.num_classes,
         reversible=mc.reversible,
         intersup=mc.intersup,
         drop_path_rate=mc.drop_path_rate,
-        **({"head_init_scale": mc.head_init_scale} if mc.head_init_scale and not job.init_weights else {}),
+        **({"head_init_scale": head_init_scale} if head_init_scale else {}),
         **mc.overrides,
     )
+
+
+def _build(job: StageJob, recipe: Recipe, stage: StageConfig, ds_config: dict[str, Any]) -> revcol.RevCol:
+    """The stage's model: partitioned from the start under ZeRO-3 (``build_model``), initialized from an earlier
+    stage's weights when the stage has them."""
+    model = build_model(_model_builder(job, stage), ds_config)
     if job.init_weights:
         from pipeline.train.weights import load_init_weights
 
-        load_init_weights(model, job.init_weights, head_init_scale=mc.head_init_scale, s3_cfg=recipe.s3)
+        load_init_weights(model, job.init_weights, head_init_scale=stage.model.head_init_scale, s3_cfg=recipe.s3,
+                          gathered=zero3_gathered if stage.deepspeed.zero_stage == 3 else None)
     return model
 
 
@@ -144,19 +155,23 @@ def train_func(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    micro, accum = stage.data.batch_size, stage.deepspeed.grad_accum
+    nvme_params = stage.deepspeed.offload_param == "nvme"
+    ds_config = deepspeed_config(
+        stage.deepspeed, micro_batch=micro, largest_param=largest_param(_model_builder(job, stage)) if nvme_params else 0
+    )
     torch.manual_seed(stage.data.seed)  # identical initial weights on every rank
 
-    model = _build(job, recipe, stage)
+    model = _build(job, recipe, stage, ds_config)
     cfg = revcol.model_cfg(stage.model.name)
     objective = Objective(model, stage.regularize, mean=cfg["mean"], std=cfg["std"])
-    micro, accum = stage.data.batch_size, stage.deepspeed.grad_accum
     global_batch = micro * world * accum
     lr_factor = global_batch / 1024
     optimizer = build_optimizer(
         param_groups(model, stage.optim), stage.optim, lr=scaled_lr(stage.optim.base_lr, global_batch),
         cpu_offload=stage.deepspeed.offload_optimizer != "none",
     )
-    engine = build_engine(objective, optimizer, deepspeed_config(stage.deepspeed, micro_batch=micro))
+    engine = build_engine(objective, optimizer, ds_config)
     batches_per_epoch = job.train_samples // world // micro  # equal split, drop_last
     steps_per_epoch = max(1, batches_per_epoch // accum)
     total_steps = math.ceil(stage.optim.epochs * steps_per_epoch)

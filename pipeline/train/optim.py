@@ -37,7 +37,8 @@ def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        decay = param.ndim > 1 and name not in skip
+        shape = getattr(param, "ds_shape", param.shape)  # a ZeRO-3 partitioned parameter's data is flat
+        decay = len(shape) > 1 and name not in skip
         layer = ids.get(name, num_ids - 1)
         key = (layer, decay)
         if key not in groups:

@@ -9,6 +9,7 @@ nothing: every weight is resolution-independent.
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from safetensors.torch import load, load_file
 import revcol
 from pipeline.config import S3Config
 from pipeline.s3 import is_s3_url, make_client, split_s3_url
+from revcol.model import GatherFn
 
 __all__ = ["load_init_weights", "read_weights"]
 
@@ -43,24 +45,43 @@ def read_weights(uri: str, *, s3_cfg: S3Config | None = None) -> dict[str, torch
 
 
 def load_init_weights(
-    model: revcol.RevCol, uri: str, *, head_init_scale: float | None = None, s3_cfg: S3Config | None = None
+    model: revcol.RevCol,
+    uri: str,
+    *,
+    head_init_scale: float | None = None,
+    s3_cfg: S3Config | None = None,
+    gathered: GatherFn | None = None,
 ) -> None:
-    """Loads ``uri`` into ``model`` with the finetuning adaptations; raises naming any other mismatch."""
+    """Loads ``uri`` into ``model`` with the finetuning adaptations; raises naming any other mismatch.
+
+    Parameters are copied one at a time, each inside ``gathered([param])`` when given — how a ZeRO-3 partitioned
+    model (possibly offloaded to disk, where only a few parameters fit in the swap buffers at once) is loaded.
+    """
     weights = read_weights(uri, s3_cfg=s3_cfg)
-    own = model.state_dict()
-    dropped = sorted(k for k in weights if k.startswith(("cls_blocks.", "decoder_blocks.")) and k not in own)
-    if dropped and "cls.classifier.1.weight" in own and "cls.classifier.1.weight" not in weights:
+    params = dict(model.named_parameters())
+    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in params.items()}
+    dropped = sorted(k for k in weights if k.startswith(("cls_blocks.", "decoder_blocks.")) and k not in shapes)
+    if dropped and "cls.classifier.1.weight" in shapes and "cls.classifier.1.weight" not in weights:
         last = max(int(k.split(".")[1]) for k in weights if k.startswith("cls_blocks."))
         for key in [k for k in weights if k.startswith(f"cls_blocks.{last}.")]:
             weights[key.replace(f"cls_blocks.{last}.", "cls.", 1)] = weights[key]
-    weights = {k: v for k, v in weights.items() if k in own or not k.startswith(("cls_blocks.", "decoder_blocks."))}
-    head = [k for k in weights if k.startswith(("cls.", "cls_blocks.")) and k in own and weights[k].shape != own[k].shape]
-    if head:
-        for key in head:
-            del weights[key]
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or any(k not in head for k in missing):
-        raise ValueError(f"init weights {uri!r} do not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    weights = {k: v for k, v in weights.items() if k in shapes or not k.startswith(("cls_blocks.", "decoder_blocks."))}
+    head = [k for k in weights if k.startswith(("cls.", "cls_blocks.")) and k in shapes and tuple(weights[k].shape) != shapes[k]]
+    for key in head:
+        del weights[key]
+    missing = [k for k in shapes if k not in weights and k not in head]
+    unexpected = [k for k in weights if k not in shapes]
+    wrong = [k for k in weights if k in shapes and tuple(weights[k].shape) != shapes[k]]
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"init weights {uri!r} do not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}, "
+            f"wrong shape {wrong[:10]}"
+        )
+    gathered = gathered or (lambda _: nullcontext())
+    with torch.no_grad():
+        for name, value in weights.items():
+            with gathered([params[name]]):
+                params[name].copy_(value)
     if head:
         model.reset_classifier(model.num_classes, head_init_scale=head_init_scale)
         logger.info("classifier re-initialized for %d classes (scale %s)", model.num_classes, head_init_scale)
