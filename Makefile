@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: install demo test test-fast bench lock clean
 
@@ -13,6 +14,9 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@# DeepSpeed's async I/O op (NVMe offload) links libaio
+	test -e /usr/include/libaio.h || $(SUDO) apt-get install -y -q libaio-dev || \
+		($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q libaio-dev)
 	$(PY) -m pipeline.setup_ops
 	touch $(STAMP)
 

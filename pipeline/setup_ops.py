@@ -1,8 +1,10 @@
 """Builds DeepSpeed's JIT-compiled ops once, at install time, so no test or run pays for the compile.
 
-`python -m pipeline.setup_ops` (run by `make install`). DeepSpeed's first `initialize` on the CPU compiles a
-shared-memory communication op with g++/ninja (~3 minutes on 2 cores). An interrupted build leaves a lock file in
-the torch extensions cache that makes the next build wait forever; stale locks are removed first.
+`python -m pipeline.setup_ops` (run by `make install`; measured on 2 cores): the shared-memory communication op
+DeepSpeed's first CPU `initialize` needs (~3 min), CPU Adam for offloaded optimizer state (~1 min) and async I/O
+for NVMe offload (~3 min; needs libaio, Debian's `libaio-dev`, which `make install` installs). An interrupted
+build leaves a lock file in the torch extensions cache that makes the next build wait forever; stale locks are
+removed first.
 """
 
 from __future__ import annotations
@@ -38,11 +40,21 @@ def main() -> int:
     root = _extensions_dir()
     for lock in remove_stale_locks(root):
         logger.info("removed stale build lock %s", lock)
-    start = time.perf_counter()
     from deepspeed.comm.torch import build_shm_op
+    from deepspeed.ops.op_builder import AsyncIOBuilder, CPUAdamBuilder
 
-    build_shm_op()
-    logger.info("DeepSpeed CPU communication op ready (%.0f s)", time.perf_counter() - start)
+    steps = [
+        ("CPU communication", build_shm_op),
+        ("CPU Adam (optimizer offload)", CPUAdamBuilder().load),
+        ("async I/O (NVMe offload)", AsyncIOBuilder().load),
+    ]
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        logger.error("cannot build DeepSpeed's async I/O op: libaio is missing (Debian: apt-get install libaio-dev)")
+        return 1
+    for name, build in steps:
+        start = time.perf_counter()
+        build()
+        logger.info("DeepSpeed %s op ready (%.0f s)", name, time.perf_counter() - start)
     return 0
 
 
