@@ -214,9 +214,15 @@ class DeepSpeedConfig(_Section):
     offload_param: Literal["none", "cpu", "nvme"] = "none"
     """Where ZeRO-3 keeps parameters."""
     nvme_path: str | None = None
-    """Local folder for NVMe offload files."""
+    """Local folder for NVMe offload files (made absolute against the working directory of whoever validates the
+    recipe first: the driver)."""
     extra: dict[str, Any] = Field(default_factory=dict)
     """Raw DeepSpeed JSON merged over the generated config (expert escape hatch)."""
+
+    @field_validator("nvme_path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        return None if value is None else str(Path(value).expanduser().absolute())
 
     @model_validator(mode="after")
     def _offload_consistent(self) -> DeepSpeedConfig:
@@ -258,6 +264,9 @@ class CheckpointConfig(_Section):
     """Also checkpoint at the end of every epoch (off for runs of many tiny epochs)."""
     val_interval_epochs: int = Field(default=1, ge=1)
     """Validate (``data.val``) every N epochs, and always at the end."""
+    optimizer_state: bool = True
+    """Save the optimizer state (exact resume). Off: checkpoints hold weights only and a resume starts the
+    optimizer afresh, for models whose optimizer state does not fit on disk twice (RevCol-H with NVMe offload)."""
 
 
 class StageConfig(_Section):

@@ -92,7 +92,8 @@ ACTIVATION_METHOD = (
 # Engine constants (fp32 weights + torch autocast, see pipeline/train/engine.py).
 _FP32 = 4
 _ADAM = 8  # exp_avg + exp_avg_sq, fp32
-# DeepSpeed defaults (deepspeed/runtime/zero/config.py), overridable through deepspeed.extra.zero_optimization.
+# DeepSpeed defaults (deepspeed/runtime/zero/config.py and offload_config.py) for what the generated config
+# (pipeline.train.engine.deepspeed_config) leaves unset.
 _DS_DEFAULTS = {
     "reduce_bucket_size": 500_000_000,
     "contiguous_gradients": True,
@@ -100,7 +101,11 @@ _DS_DEFAULTS = {
     "stage3_max_live_parameters": 1_000_000_000,
     "stage3_param_persistence_threshold": 100_000,
     "sub_group_size": 1_000_000_000,
+    "offload_optimizer.buffer_count": 4,
+    "offload_param.buffer_count": 5,
+    "offload_param.buffer_size": 100_000_000,
 }
+_MIN_SWAP_BYTES = 2**20  # deepspeed/runtime/swap_tensor/constants.py MIN_AIO_BYTES: smaller tensors stay in memory
 _ZERO0_ALLREDUCE_ELEMENTS = 500_000_000  # engine.buffered_allreduce_fallback(elements_per_buffer=5e8)
 _PREFETCH_BATCHES = 4  # input batches held by the Ray Data iterator and the step (decoded fp32 images)
 
@@ -708,12 +713,17 @@ def _stage_image_size(stage: StageConfig) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- the ledger
-def _zero_option(ds: DeepSpeedConfig, key: str) -> Any:
-    """A ``zero_optimization`` option: from ``deepspeed.extra`` when the stage sets it, else DeepSpeed's default."""
-    zero = ds.extra.get("zero_optimization", {}) if isinstance(ds.extra, dict) else {}
-    for name in (key, key.removeprefix("stage3_")):
-        if name in zero:
-            return zero[name]
+def _zero_option(ds: DeepSpeedConfig, key: str, *, largest_param: int = 0) -> Any:
+    """A ``zero_optimization`` option (``offload_param.buffer_size`` for nested ones) as the run will use it:
+    from the generated DeepSpeed config (``deepspeed.extra`` merged in), else DeepSpeed's default."""
+    from pipeline.train.engine import deepspeed_config
+
+    zero = deepspeed_config(ds, micro_batch=1, largest_param=largest_param)["zero_optimization"]
+    section, _, leaf = key.rpartition(".")
+    values = zero.get(section, {}) if section else zero
+    for name in (leaf, leaf.removeprefix("stage3_")):
+        if name in values:
+            return values[name]
     return _DS_DEFAULTS.get(key)
 
 
@@ -730,6 +740,8 @@ def _place(kind: str, ds: DeepSpeedConfig, device: Tier) -> Tier:
     if kind in ("optimizer", "master"):
         return tier_of[ds.offload_optimizer]
     if kind in ("gradients", "optimizer_step") and ds.zero_stage >= 1 and ds.offload_optimizer != "none":
+        return "host"
+    if kind in ("swap_buffer", "host_parameters"):
         return "host"
     if kind == "parameters" and ds.zero_stage == 3:
         return tier_of[ds.offload_param]
@@ -754,6 +766,10 @@ def _model_state_items(
             ("parameters", f"parameters (fp32{shard})", _FP32 * own, persistent),
             ("persistent_parameters", f"parameters kept whole (numel < {threshold}, fp32)", _FP32 * small, persistent),
         ]
+        if ds.offload_param == "nvme":  # DeepSpeed's async I/O skips partitions under 1 MiB: they stay in memory
+            unswapped = sum(math.ceil(n / w) for n in stats.param_numels if n >= threshold and _FP32 * n / w < _MIN_SWAP_BYTES)
+            items.append(("host_parameters", "parameter partitions too small to swap (< 1 MiB, fp32)", _FP32 * unswapped,
+                          persistent))
     else:
         items.append(("parameters", "parameters (fp32)", _FP32 * p, persistent))
     if z:
@@ -795,14 +811,28 @@ def _model_state_items(
         live = min(stats.largest_layer_params + prefetch, int(_zero_option(ds, "stage3_max_live_parameters")))
         name = "gathered parameters (largest layer + prefetch, fp32)"
         items.append(("buffer", name, _FP32 * live, ("forward", "backward")))
-        # The model is built whole on the host and moved to the device before DeepSpeed partitions it.
-        items.append(("init", "parameters whole before partitioning (fp32)", _FP32 * p, ("init",)))
+        # Built under zero.Init (pipeline.train.engine.build_model): one module whole at a time.
+        items.append(("init", "largest module whole before partitioning (fp32)", _FP32 * stats.largest_layer_params,
+                      ("init",)))
+        if ds.offload_param == "nvme":
+            largest = max(stats.param_numels)
+            count = int(_zero_option(ds, "offload_param.buffer_count"))
+            size = int(_zero_option(ds, "offload_param.buffer_size", largest_param=largest))
+            items.append(("swap_buffer", f"parameter swap buffers ({count} x {size:.1e} fp32)", _FP32 * count * size,
+                          persistent))
 
     # Optimizer step: the flat fp32 gradient of the owned partition, and torch AdamW's foreach temporary (the
     # square root of exp_avg_sq) over the largest parameter group on this rank.
     group = stats.largest_group_params[1 if stage.optim.layer_decay is not None else 0]
     step = ("optimizer_step",)
-    if z:
+    if z and ds.offload_optimizer == "nvme":
+        # The step swaps one sub-group at a time (weights, gradients, both moments) into pinned buffers and runs
+        # CPU Adam there: no other step temporaries.
+        count = int(_zero_option(ds, "offload_optimizer.buffer_count"))
+        sub_group = min(own, int(_zero_option(ds, "sub_group_size")))
+        name = f"optimizer swap buffers ({count} x {sub_group:.1e} fp32)"
+        items.append(("swap_buffer", name, _FP32 * count * sub_group, persistent))
+    elif z:
         flat = min(own, int(_zero_option(ds, "sub_group_size")))
         items.append(("optimizer_step", "flat fp32 gradient for the optimizer step", _FP32 * flat, step))
         name = "AdamW step temporary (largest group partition)"
@@ -858,12 +888,16 @@ def _host_items(
         MemoryItem("process runtime (Python, torch, Ray, CUDA host side)", runtime_host_bytes, "host",
                    source="assumed", kind="runtime"),
         MemoryItem(f"input batches in flight ({_PREFETCH_BATCHES}, fp32)", batch_bytes, "host", kind="runtime"),
-        MemoryItem("model built on the host before DeepSpeed (fp32)", _FP32 * p, "host", ("init",), kind="init"),
     ]
+    partitioned = stage.deepspeed.zero_stage == 3 and stage.kind != "eval"  # built under zero.Init, exported streamed
+    if not partitioned:
+        items.append(MemoryItem("model built on the host before DeepSpeed (fp32)", _FP32 * p, "host", ("init",),
+                                kind="init"))
     if stage.init_from:
         items.append(MemoryItem("init_from weights read on the host (fp32)", _FP32 * p, "host", ("init",), kind="init"))
     if stage.kind != "eval":
-        items.append(MemoryItem("exported weights on the host (rank 0, fp32)", _FP32 * p, "host", ("checkpoint",),
+        exported = max(stats.param_numels) if partitioned else p
+        items.append(MemoryItem("exported weights on the host (rank 0, fp32)", _FP32 * exported, "host", ("checkpoint",),
                                 kind="checkpoint"))
         if ema:
             items.append(MemoryItem("EMA copied to the host for saving (fp32)", _FP32 * p, "host", ("checkpoint",),
@@ -985,7 +1019,7 @@ def _plan_with(
     if stage.deepspeed.precision != "fp32":
         plan.notes.append("activations traced in fp32: an upper bound under autocast")
     if "nvme" in (stage.deepspeed.offload_optimizer, stage.deepspeed.offload_param):
-        plan.notes.append("NVMe offload: swap/pinned buffers and bandwidth are not modelled")
+        plan.notes.append("NVMe offload: swap buffers modelled, disk bandwidth (the step time) is not")
     _check(plan, cluster, settings.cpus_needed)
     return plan
 

@@ -5,7 +5,9 @@ DeepSpeed engine built the pipeline's way.
 * the partitioned build gets exactly the plain build's weights (the release's init, run per gathered module);
 * the gradients of the first step equal plain PyTorch's (the reversible recomputation in backward fetches its
   parameters back from disk), so do the weights after DeepSpeed's CPU Adam step on the disk-resident optimizer
-  state, and the second and third steps run with the loss falling on a fixed batch.
+  state, and the second and third steps run with the loss falling on a fixed batch;
+* a weights-only checkpoint (what the full-size recipe saves) is exported one parameter at a time and loads
+  back into a freshly built offloaded engine, master weights included.
 
 The full-size run is ``benchmarks/revcol_h_offload.py``.
 """
@@ -36,6 +38,9 @@ def _run(rank: int, port: int, folder: str) -> None:
 
     import revcol
     from pipeline.config import DeepSpeedConfig, OptimConfig, RegularizeConfig
+    from safetensors.torch import load_file
+
+    from pipeline.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
     from pipeline.train.engine import Objective, build_engine, build_model, deepspeed_config, largest_param
     from pipeline.train.optim import build_optimizer, param_groups
 
@@ -86,6 +91,20 @@ def _run(rank: int, port: int, folder: str) -> None:
         losses.append(loss.item())
     result["zero_losses"] = losses
     result["offload_files"] = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+    result["trained"] = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.model.named_parameters()}
+
+    # a weights-only checkpoint (the RevCol-H recipe's), streamed out and loaded into a fresh offloaded engine
+    checkpoint = Path(folder) / "checkpoint"
+    save_checkpoint(engine, checkpoint, TrainerState(step=STEPS), ema=None, export=True, optimizer_state=False)
+    engine.destroy()
+    result["exported"] = load_file(checkpoint / "export" / "model.safetensors")
+    fresh = ds.model_copy(update={"nvme_path": str(Path(folder) / "fresh")})
+    config = deepspeed_config(fresh, micro_batch=2, largest_param=largest_param(build))
+    model = build_model(build, config)
+    optimizer = build_optimizer(param_groups(model, optim), optim, lr=1e-3, cpu_offload=True)
+    engine = build_engine(Objective(model, RegularizeConfig(), **mean_std), optimizer, config)
+    result["resumed_step"] = load_checkpoint(engine, checkpoint, ema=None).step
+    result["resumed"] = {n: safe_get_full_fp32_param(p).clone() for n, p in engine.module.model.named_parameters()}
     torch.save(result, Path(folder) / "result.pt")
     engine.destroy()
     deepspeed.comm.destroy_process_group()
@@ -131,3 +150,10 @@ def test_later_steps_run_and_the_loss_falls(result):
     losses = result["zero_losses"]
     assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+def test_weights_only_checkpoint_streams_out_and_loads_into_an_offloaded_engine(result):
+    assert result["resumed_step"] == STEPS
+    for name, weight in result["trained"].items():
+        assert torch.equal(result["exported"][name], weight), name
+        assert torch.equal(result["resumed"][name], weight), name  # master weights follow the loaded ones

@@ -7,6 +7,8 @@
   peak through backward; nothing is calibrated, so any resolution will do), and doubles with the micro-batch;
 * leaving out columns beyond the third (fourth with intermediate supervision) changes no traced byte;
 * RevCol-H at 640 px: ZeRO-0 on 8× 80 GB is refused naming the fix; ZeRO-3 bf16 at a small micro-batch fits;
+* RevCol-H on one 20 GiB CPU worker with NVMe offload fits (16 bytes/parameter on disk); with AdamW in memory
+  it is refused (the measured figures are benchmarks/revcol_h_offload.py's);
 * the CLI: ``--json`` last line, exit status 0 when it fits, 1 with the reason when it does not.
 """
 
@@ -30,6 +32,7 @@ from revcol.measure import heap_in_use, memory_kept_for_backward
 
 ROOT = Path(__file__).resolve().parents[1]
 H_RECIPE = ROOT / "jobs" / "revcol_h_224_640.yaml"
+OFFLOAD_RECIPE = ROOT / "jobs" / "revcol_h_single_node_offload.yaml"
 LAYOUTS = ROOT / "tests" / "assets" / "official_revcol_layouts.json"
 GiB = 2**30
 
@@ -110,6 +113,22 @@ def test_optimizer_offload_moves_state_to_the_host() -> None:
     assert adam == 8 * -(-plan.stats.params // 8)
     assert plan.persistent_bytes("host") >= adam
     assert plan.persistent_bytes("gpu") < _plan(_h_finetune()).persistent_bytes("gpu") - adam
+
+
+def test_single_node_offload_recipe_fits_and_keeping_adamw_in_memory_is_refused() -> None:
+    recipe = load_recipe(OFFLOAD_RECIPE)
+    plan = plan_recipe(recipe, suggest=False, with_deepspeed_estimate=False).stages[0]
+    assert plan.fits, plan.problems
+    params = plan.stats.params
+    assert plan.peak("nvme")[0] == pytest.approx(16 * params, rel=0.01)  # weights, master, both AdamW moments
+    assert plan.required_bytes("host") <= 20 * GiB
+    assert _item(plan, "gradients") == 4 * params  # ZeRO-3 keeps all fp32 gradients of its partition in memory
+    assert not [i for i in plan.items if "whole before DeepSpeed" in i.name]  # built partitioned (zero.Init)
+    in_ram = load_recipe(OFFLOAD_RECIPE, ["stages.pretrain.deepspeed.offload_optimizer=cpu"])
+    refused = plan_recipe(in_ram, suggest=False, with_deepspeed_estimate=False).stages[0]
+    assert not refused.fits
+    assert "host memory per worker" in " ".join(refused.problems)
+    assert refused.required_bytes("host") > plan.required_bytes("host") + 12 * params  # master + AdamW moved in
 
 
 # ------------------------------------------------------------------------------------------------ activations

@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import struct
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.train.ema import ShardedEma
+from pipeline.train.engine import load_weights, zero3_gathered
 
-__all__ = ["TrainerState", "consolidated_state_dict", "load_checkpoint", "save_checkpoint"]
+__all__ = ["TrainerState", "export_weights", "load_checkpoint", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,35 +70,72 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def consolidated_state_dict(engine: Any) -> dict[str, torch.Tensor] | None:
-    """The model's full weights (without the ``model.`` prefix of the training objective), on rank 0; a
-    collective under ZeRO-3 (call on every rank); None on other ranks."""
-    if engine.zero_optimization_stage() == 3:
-        full = engine._zero3_consolidated_16bit_state_dict()  # gathers to rank 0; fp32 weights stay fp32
-    else:
-        full = engine.module.state_dict() if engine.global_rank == 0 else None
-    if full is None:
-        return None
-    return {k.removeprefix("model."): v.detach().cpu().contiguous() for k, v in full.items() if k.startswith("model.")}
+def export_weights(engine: Any, path: Path) -> None:
+    """The model's full weights (without the training objective's ``model.`` prefix) as safetensors at ``path``,
+    written by rank 0; a collective under ZeRO-3 (call on every rank).
+
+    Under ZeRO-3 the file is written one parameter at a time, each gathered only while its bytes are written:
+    safetensors' layout (a JSON header of names, shapes and byte ranges, then the raw tensors) is known from
+    the partitioned parameters' shapes before any is gathered, so no process ever holds the whole model.
+    """
+    tensors = [(k.removeprefix("model."), t) for k, t in _named_tensors(engine.module) if k.startswith("model.")]
+    rank = engine.global_rank
+    if engine.zero_optimization_stage() != 3:
+        if rank == 0:
+            save_file({name: t.detach().cpu().contiguous() for name, t in tensors}, path)
+        return
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in tensors:
+        size = _numel(t) * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(_shape(t)), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") if rank == 0 else nullcontext() as out:
+        if out is not None:
+            out.write(struct.pack("<Q", len(blob)) + blob)
+        for _, t in tensors:
+            with zero3_gathered([t]) if hasattr(t, "ds_id") else nullcontext():
+                if out is not None:
+                    out.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
-def save_checkpoint(engine: Any, folder: Path, state: TrainerState, *, ema: ShardedEma | None, export: bool) -> None:
-    """Writes this rank's part of a checkpoint into ``folder`` (collective: call on every rank)."""
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+
+
+def _named_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(), *module.named_buffers()]
+
+
+def _shape(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(getattr(t, "ds_shape", t.shape))  # a ZeRO-3 partitioned parameter's data is flat
+
+
+def _numel(t: torch.Tensor) -> int:
+    return getattr(t, "ds_numel", t.numel())
+
+
+def save_checkpoint(
+    engine: Any, folder: Path, state: TrainerState, *, ema: ShardedEma | None, export: bool, optimizer_state: bool = True
+) -> None:
+    """Writes this rank's part of a checkpoint into ``folder`` (collective: call on every rank). Without
+    ``optimizer_state`` the checkpoint holds the consolidated weights instead of DeepSpeed's state."""
     rank = engine.global_rank
     folder.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(folder / "deepspeed"), tag=DS_TAG, save_latest=False)
+    if optimizer_state:
+        engine.save_checkpoint(str(folder / "deepspeed"), tag=DS_TAG, save_latest=False)
     torch.save(_rng_state(), folder / f"rng_rank{rank}.pt")
     ema_full = ema.full_state_dict() if ema is not None else None
-    weights = consolidated_state_dict(engine) if export else None
+    if export or not optimizer_state:
+        (folder / "export").mkdir(exist_ok=True)
+        export_weights(engine, folder / "export" / "model.safetensors")
     if rank != 0:
         return
     (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
     if ema_full is not None:
         save_file(ema_full, folder / "ema.safetensors")
-    if weights is not None:
-        (folder / "export").mkdir(exist_ok=True)
-        save_file(weights, folder / "export" / "model.safetensors")
-        if ema_full is not None:
+        if export:
             save_file(ema_full, folder / "export" / "ema.safetensors")
 
 
@@ -103,39 +143,39 @@ def load_checkpoint(engine: Any, folder: Path, *, ema: ShardedEma | None) -> Tra
     """Restores engine, EMA, counters and (same world size) RNG states from a checkpoint folder."""
     state = TrainerState(**json.loads((folder / STATE_FILE).read_text()))
     world = engine.world_size
-    if state.world_size == world:
+    if state.world_size == world and (folder / "deepspeed").exists():
         engine.load_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
         rng = folder / f"rng_rank{engine.global_rank}.pt"
         if rng.exists():
             _set_rng_state(torch.load(rng, weights_only=False))  # numpy/python RNG states are not plain tensors
     else:
-        logger.warning(
-            "checkpoint was written by %d workers, resuming on %d: loading consolidated weights, "
-            "optimizer state starts afresh", state.world_size, world,
+        reason = (
+            "holds weights only" if not (folder / "deepspeed").exists()
+            else f"was written by {state.world_size} workers, resuming on {world}"
         )
-        _load_weights_resharded(engine, folder)
+        logger.warning("checkpoint %s: loading consolidated weights, optimizer state starts afresh", reason)
+        _load_consolidated_weights(engine, folder)
     if ema is not None and (folder / "ema.safetensors").exists():
         ema.load_full_state_dict(load_file(folder / "ema.safetensors"))
     state.world_size = world
     return state
 
 
-def _load_weights_resharded(engine: Any, folder: Path) -> None:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    if state_zero_stage(folder) == 0 and (folder / "export" / "model.safetensors").exists():
-        weights = {f"model.{k}": v for k, v in load_file(folder / "export" / "model.safetensors").items()}
+def _load_consolidated_weights(engine: Any, folder: Path) -> None:
+    export = folder / "export" / "model.safetensors"
+    if export.exists():
+        weights = load_file(export)
     else:
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        params = dict(engine.module.named_parameters())
-        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0):
-            if engine.global_rank == 0:
-                engine.module.load_state_dict(weights, strict=True)
-    else:
-        engine.module.load_state_dict(weights, strict=True)
+        full = get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
+        weights = {k.removeprefix("model."): v for k, v in full.items()}
+    model = engine.module.model
+    own = {name for name, _ in _named_tensors(model)}
+    if own != set(weights):
+        raise ValueError(f"checkpoint {folder} does not fit the model: missing {sorted(own - set(weights))[:10]}, "
+                         f"unexpected {sorted(set(weights) - own)[:10]}")
+    load_weights(model, weights)
     # the optimizer's fp32 master copies must follow the loaded weights
     if hasattr(engine.optimizer, "refresh_fp32_params"):
         engine.optimizer.refresh_fp32_params()

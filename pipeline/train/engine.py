@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -19,8 +19,9 @@ from torch import nn
 
 import revcol
 from pipeline.config import DeepSpeedConfig, RegularizeConfig
+from revcol.measure import release_free_heap
 
-__all__ = ["Objective", "build_engine", "build_model", "deepspeed_config", "largest_param", "zero3_gathered"]
+__all__ = ["Objective", "build_engine", "build_model", "deepspeed_config", "largest_param", "load_weights", "zero3_gathered"]
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +94,25 @@ def build_model(build: Callable[[], revcol.RevCol], config: dict[str, Any]) -> r
 
     remote = zero.get("offload_param", {}).get("device")
     with deepspeed.zero.Init(config_dict_or_path=config, remote_device=remote, pin_memory=False):
-        return build()
+        model = build()
+    release_free_heap()  # the modules' whole parameters, freed once partitioned, would stay resident otherwise
+    return model
+
+
+def load_weights(module: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Copies ``weights`` into ``module``'s parameters and buffers of the same names, one at a time; a ZeRO-3
+    partitioned parameter is gathered only while it is written (a collective; rank 0's values are kept), so no
+    process holds the whole model — nor more than the few parameters NVMe offload has swap buffers for."""
+    own = dict(_named_tensors(module))
+    with torch.no_grad():
+        for name, value in weights.items():
+            target = own[name]
+            with zero3_gathered([target]) if hasattr(target, "ds_id") else nullcontext():
+                target.copy_(value)
+
+
+def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*module.named_parameters(), *module.named_buffers()]
 
 
 def zero3_gathered(params: list[nn.Parameter]) -> AbstractContextManager:
@@ -164,12 +183,43 @@ def keep_offload_gradients_in_memory() -> None:
         swapper.swap_out_gradients = swap_out_gradients
 
 
+def use_fp32_weights_as_zero3_master() -> None:
+    """Lets ZeRO-3 use fp32 weights as their own master copy, as it means to.
+
+    With fp32 weights (our autocast training) DeepSpeed 0.19.8's ZeRO-3 aliases the master partition to the
+    weights' partition only if ``partition.device == self.device`` — a ``torch.device`` against a device-name
+    string, never equal — so it keeps a second fp32 copy: 4 more bytes per parameter per rank (ZeRO-3 at 20
+    instead of 16 bytes/parameter/W). The comparison is made between devices for the duration of that set-up.
+    ZeRO-1..3 equal ZeRO-0's updates with it (tests/test_zero_reversible.py).
+    """
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    original = Stage3._create_fp32_partitions
+    if getattr(original, "compares_devices", False):
+        return
+
+    def create_fp32_partitions(self: Stage3) -> None:
+        name = self.device
+        self.device = torch.device(name)
+        try:
+            original(self)
+        finally:
+            self.device = name
+
+    create_fp32_partitions.compares_devices = True
+    Stage3._create_fp32_partitions = create_fp32_partitions
+
+
 def build_engine(objective: Objective, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> Any:
-    """``deepspeed.initialize`` around the objective with our optimizer (param groups with layer decay)."""
+    """``deepspeed.initialize`` around the objective with our optimizer (param groups with layer decay), with the
+    two DeepSpeed fixes above."""
     import deepspeed
 
+    use_fp32_weights_as_zero3_master()
     if config["zero_optimization"].get("offload_optimizer", {}).get("device") == "nvme":
         keep_offload_gradients_in_memory()
 
     engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, config=config)
+    if config["zero_optimization"]["stage"] == 3:
+        release_free_heap()  # ZeRO-3's set-up (partition flattening, offload initialization) frees gigabytes
     return engine

@@ -25,7 +25,7 @@ from pipeline.config import Recipe, StageConfig
 from pipeline.data.stream import StreamPosition, iter_train_batches, skipped_counts
 from pipeline.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from pipeline.train.ema import ShardedEma
-from pipeline.train.engine import Objective, build_engine, build_model, deepspeed_config, largest_param, zero3_gathered
+from pipeline.train.engine import Objective, build_engine, build_model, deepspeed_config, largest_param
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
 
 __all__ = ["StageJob", "train_func"]
@@ -62,7 +62,7 @@ def _tracker(job: StageJob, rank: int, fallback_dir: Path) -> Any:
     return MLflowTracker(job.tracking_uri, job.run_id, fallback_dir=fallback_dir)
 
 
-def _model_builder(job: StageJob, stage: StageConfig) -> Callable[[], revcol.RevCol]:
+def model_builder(job: StageJob, stage: StageConfig) -> Callable[[], revcol.RevCol]:
     mc = stage.model
     head_init_scale = mc.head_init_scale if not job.init_weights else None  # a loaded head is scaled on reset
     return functools.partial(
@@ -80,12 +80,11 @@ def _model_builder(job: StageJob, stage: StageConfig) -> Callable[[], revcol.Rev
 def _build(job: StageJob, recipe: Recipe, stage: StageConfig, ds_config: dict[str, Any]) -> revcol.RevCol:
     """The stage's model: partitioned from the start under ZeRO-3 (``build_model``), initialized from an earlier
     stage's weights when the stage has them."""
-    model = build_model(_model_builder(job, stage), ds_config)
+    model = build_model(model_builder(job, stage), ds_config)
     if job.init_weights:
         from pipeline.train.weights import load_init_weights
 
-        load_init_weights(model, job.init_weights, head_init_scale=stage.model.head_init_scale, s3_cfg=recipe.s3,
-                          gathered=zero3_gathered if stage.deepspeed.zero_stage == 3 else None)
+        load_init_weights(model, job.init_weights, head_init_scale=stage.model.head_init_scale, s3_cfg=recipe.s3)
     return model
 
 
@@ -158,7 +157,7 @@ def train_func(config: dict[str, Any]) -> None:
     micro, accum = stage.data.batch_size, stage.deepspeed.grad_accum
     nvme_params = stage.deepspeed.offload_param == "nvme"
     ds_config = deepspeed_config(
-        stage.deepspeed, micro_batch=micro, largest_param=largest_param(_model_builder(job, stage)) if nvme_params else 0
+        stage.deepspeed, micro_batch=micro, largest_param=largest_param(model_builder(job, stage)) if nvme_params else 0
     )
     torch.manual_seed(stage.data.seed)  # identical initial weights on every rank
 
@@ -220,7 +219,8 @@ def train_func(config: dict[str, Any]) -> None:
         if new_best:
             state.best_top1 = top1
         with tempfile.TemporaryDirectory(prefix="revcol-ckpt-") as tmp:
-            save_checkpoint(engine, Path(tmp), state, ema=ema, export=export)
+            save_checkpoint(engine, Path(tmp), state, ema=ema, export=export,
+                            optimizer_state=stage.checkpoint.optimizer_state)
             ray.train.report(
                 {**metrics, "step": state.step, "epoch": state.epoch},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),

@@ -9,7 +9,6 @@ nothing: every weight is resolution-independent.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ from safetensors.torch import load, load_file
 import revcol
 from pipeline.config import S3Config
 from pipeline.s3 import is_s3_url, make_client, split_s3_url
-from revcol.model import GatherFn
+from pipeline.train.engine import load_weights
 
 __all__ = ["load_init_weights", "read_weights"]
 
@@ -50,16 +49,11 @@ def load_init_weights(
     *,
     head_init_scale: float | None = None,
     s3_cfg: S3Config | None = None,
-    gathered: GatherFn | None = None,
 ) -> None:
-    """Loads ``uri`` into ``model`` with the finetuning adaptations; raises naming any other mismatch.
-
-    Parameters are copied one at a time, each inside ``gathered([param])`` when given — how a ZeRO-3 partitioned
-    model (possibly offloaded to disk, where only a few parameters fit in the swap buffers at once) is loaded.
-    """
+    """Loads ``uri`` into ``model`` with the finetuning adaptations; raises naming any other mismatch. A ZeRO-3
+    partitioned model is loaded one parameter at a time (:func:`pipeline.train.engine.load_weights`)."""
     weights = read_weights(uri, s3_cfg=s3_cfg)
-    params = dict(model.named_parameters())
-    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in params.items()}
+    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
     dropped = sorted(k for k in weights if k.startswith(("cls_blocks.", "decoder_blocks.")) and k not in shapes)
     if dropped and "cls.classifier.1.weight" in shapes and "cls.classifier.1.weight" not in weights:
         last = max(int(k.split(".")[1]) for k in weights if k.startswith("cls_blocks."))
@@ -77,11 +71,7 @@ def load_init_weights(
             f"init weights {uri!r} do not fit the model: missing {missing[:10]}, unexpected {unexpected[:10]}, "
             f"wrong shape {wrong[:10]}"
         )
-    gathered = gathered or (lambda _: nullcontext())
-    with torch.no_grad():
-        for name, value in weights.items():
-            with gathered([params[name]]):
-                params[name].copy_(value)
+    load_weights(model, weights)
     if head:
         model.reset_classifier(model.num_classes, head_init_scale=head_init_scale)
         logger.info("classifier re-initialized for %d classes (scale %s)", model.num_classes, head_init_scale)
