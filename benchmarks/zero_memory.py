@@ -1,6 +1,7 @@
 """Per-rank memory of model states under ZeRO 0/1/2/3, and throughput of each stage relative to ZeRO-0.
 
-Two gloo ranks on this machine, engines built the pipeline's way (Objective, generated DeepSpeed config, AdamW).
+Two gloo ranks on this machine, engines built the pipeline's way (the model partitioned from the start under
+ZeRO-3, Objective, generated DeepSpeed config, AdamW).
 
 * Memory: RevCol-L (273 M parameters), fp32. Per rank, the heap in use (glibc mallinfo2) after the second
   backward — parameters + gradients + optimizer state + DeepSpeed buffers; activations at batch 1, 32 px are
@@ -16,6 +17,7 @@ Two gloo ranks on this machine, engines built the pipeline's way (Objective, gen
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -42,7 +44,7 @@ def _worker(rank: int, world: int, port: int, mode: str, model_name: str, stage:
 
     import revcol
     from pipeline.config import DeepSpeedConfig, OptimConfig, RegularizeConfig
-    from pipeline.train.engine import Objective, build_engine, deepspeed_config
+    from pipeline.train.engine import Objective, build_engine, build_model, deepspeed_config
     from pipeline.train.optim import build_optimizer, param_groups
     from revcol.measure import heap_in_use
 
@@ -51,15 +53,15 @@ def _worker(rank: int, world: int, port: int, mode: str, model_name: str, stage:
     # One ZeRO stage per process pair (see _run): copies freed inside a process are not returned between stages.
     gc.collect()
     before = heap_in_use()
+    batch, size = (1, 32) if mode == "memory" else (4, 64)
+    config = deepspeed_config(DeepSpeedConfig(zero_stage=stage, extra=SMALL), micro_batch=batch)
     torch.manual_seed(0)
-    model = revcol.create_model(model_name, num_classes=1000)
-    params = sum(p.numel() for p in model.parameters())
+    model = build_model(functools.partial(revcol.create_model, model_name, num_classes=1000), config)  # as the pipeline
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     objective = Objective(model, RegularizeConfig(), mean=(0.5,) * 3, std=(0.5,) * 3)
     optim = OptimConfig()
     optimizer = build_optimizer(param_groups(model, optim), optim, lr=1e-4)
-    batch, size = (1, 32) if mode == "memory" else (4, 64)
-    ds = DeepSpeedConfig(zero_stage=stage, extra=SMALL)
-    engine = build_engine(objective, optimizer, deepspeed_config(ds, micro_batch=batch))
+    engine = build_engine(objective, optimizer, config)
     del model, optimizer
     x, y = torch.randn(batch, 3, size, size), torch.randint(0, 1000, (batch,))
     steps = 2 if mode == "memory" else 5

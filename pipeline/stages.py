@@ -253,7 +253,11 @@ def _connect_ray(recipe: Recipe) -> None:
         return
     import psutil
 
-    ray.init(num_cpus=max(2, psutil.cpu_count() or 2), include_dashboard=False, log_to_driver=True)
+    # Ray counts as schedulable memory only what is free at start minus its object store (15 of 24 GiB here):
+    # a recipe sized for the machine (scaling.memory_per_worker_gb) would wait forever. This cluster is the
+    # whole machine, and `revcol plan` (checked before) guards what fits in it.
+    ray.init(num_cpus=max(2, psutil.cpu_count() or 2), include_dashboard=False, log_to_driver=True,
+             _memory=psutil.virtual_memory().total)
 
 
 def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> list[StageOutcome]:
@@ -262,7 +266,9 @@ def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> list[Sta
     Raises:
         RuntimeError: a stage failed (its MLflow run and the parent are marked FAILED; re-running resumes it).
     """
-    if recipe.scaling.use_gpu:  # GPU memory is the hard limit: refuse a misfit before taking any resource
+    # GPU memory, or the host memory the recipe is sized for, is a hard limit: refuse a misfit before taking
+    # any resource (`revcol plan` tells the same, with what to change).
+    if recipe.scaling.use_gpu or recipe.scaling.memory_per_worker_gb is not None:
         from pipeline.plan import plan_recipe
 
         plan = plan_recipe(recipe, with_deepspeed_estimate=False)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["heap_in_use", "memory_kept_for_backward", "release_free_heap", "train_step_seconds"]
+__all__ = ["heap_in_use", "memory_kept_for_backward", "map_large_allocations", "release_free_heap", "train_step_seconds"]
 
 
 class _Mallinfo2(ctypes.Structure):
@@ -40,6 +40,17 @@ def heap_in_use() -> int:
     """Bytes the process has allocated with malloc right now (in use in the arena + mmapped blocks)."""
     info = _glibc().mallinfo2()
     return int(info.uordblks + info.hblkhd)
+
+
+def map_large_allocations(min_bytes: int = 4 * 2**20) -> None:
+    """Makes glibc serve every allocation of ``min_bytes`` or more with its own mapping, returned to the system
+    when freed. By default glibc raises that threshold (up to 32 MiB) as large blocks come and go, and the freed
+    ones then stay resident in its arena: gigabytes over a step of a big model whose working set is mostly
+    activations and gathered parameters that live for one layer."""
+    libc = _glibc()
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    libc.mallopt(m_mmap_threshold, min_bytes)
+    libc.mallopt(m_trim_threshold, min_bytes)
 
 
 def release_free_heap() -> None:

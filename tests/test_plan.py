@@ -2,7 +2,8 @@
 
 * parameter bytes are 4 × the parameter count of the model built on ``meta`` (and the official count);
 * ZeRO shards the 16 bytes/parameter of fp32 weights + AdamW by the number of workers (plus DeepSpeed's separate
-  fp32 master partition), and DeepSpeed's own estimator differs only by its 16-bit-weights assumption;
+  fp32 master partition under ZeRO-1/2; ZeRO-3 uses the fp32 weights as master), and DeepSpeed's own estimator
+  differs only by its 16-bit-weights assumption;
 * the traced activation memory matches real CPU runs of the same step (``memory_kept_for_backward`` and the heap
   peak through backward; nothing is calibrated, so any resolution will do), and doubles with the micro-batch;
 * leaving out columns beyond the third (fourth with intermediate supervision) changes no traced byte;
@@ -21,12 +22,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import revcol
 from pipeline.config import RegularizeConfig, StageConfig, load_recipe
 from pipeline.plan import ClusterShape, activation_trace, model_stats, plan_recipe, plan_stage
+from pipeline.stages import run_pipeline
 from pipeline.train.engine import Objective
 from revcol.measure import heap_in_use, memory_kept_for_backward
 
@@ -83,10 +86,11 @@ def test_zero_stages_shard_model_states_by_the_number_of_workers() -> None:
                  for z in range(4)}
     assert sharded16[0] == 16 * p  # fp32 weights + fp32 gradients + AdamW (exp_avg, exp_avg_sq)
     assert sharded16[3] == pytest.approx(sharded16[0] / 8, rel=0.02)
-    # DeepSpeed keeps a separate fp32 master partition under ZeRO-1/2/3 (measured on real engines).
-    for z in (1, 2, 3):
+    # DeepSpeed keeps a separate fp32 master partition under ZeRO-1/2 (measured on real engines); ZeRO-3 none.
+    for z in (1, 2):
         assert _item(plans[z], "master weights") == pytest.approx(4 * p / 8, rel=1e-6)
-    assert plans[3].model_state_bytes == pytest.approx(plans[0].model_state_bytes / 8 * 20 / 16, rel=0.02)
+    assert _item(plans[3], "master weights") == 0
+    assert plans[3].model_state_bytes == pytest.approx(plans[0].model_state_bytes / 8, rel=0.02)
     states = [plans[z].model_state_bytes for z in range(4)]
     assert states[0] > states[1] >= states[2] > states[3]
     # EMA (0.9999 in this recipe) is sharded like the weights only under ZeRO-3.
@@ -95,13 +99,14 @@ def test_zero_stages_shard_model_states_by_the_number_of_workers() -> None:
 
 def test_deepspeed_estimate_differs_only_by_its_16_bit_weights() -> None:
     """DeepSpeed's ZeRO-3 estimate is 4·largest_layer + 18·P/W (2-byte weights and gradients, fp32 gradient copy,
-    master, AdamW); ours is 20·P/W for fp32 weights. With the largest layer taken off, they are 18:20."""
+    master, AdamW); ours is 16·P/W for fp32 weights (their own master). With the largest layer taken off, they are
+    18:16."""
     plan = _plan(_h_finetune(), with_deepspeed_estimate=True)
     est = plan.deepspeed_estimate
     assert est["function"].endswith("estimate_zero3_model_states_mem_needs")
     ours = _item(plan, "parameters (fp32") + _item(plan, "gradients") + _item(plan, "master") + _item(plan, "AdamW")
     theirs = est["gpu_bytes"] - 4 * plan.stats.largest_layer_params
-    assert theirs == pytest.approx(ours * 18 / 20, rel=0.01)
+    assert theirs == pytest.approx(ours * 18 / 16, rel=0.01)
 
 
 def test_optimizer_offload_moves_state_to_the_host() -> None:
@@ -129,6 +134,9 @@ def test_single_node_offload_recipe_fits_and_keeping_adamw_in_memory_is_refused(
     assert not refused.fits
     assert "host memory per worker" in " ".join(refused.problems)
     assert refused.required_bytes("host") > plan.required_bytes("host") + 12 * params  # master + AdamW moved in
+    with pytest.raises(ValueError, match="host memory per worker"):
+        run_pipeline(in_ram)  # refused before any resource is taken
+    assert not ray.is_initialized()
 
 
 # ------------------------------------------------------------------------------------------------ activations

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.train.ema import ShardedEma
-from pipeline.train.engine import load_weights, zero3_gathered
+from pipeline.train.engine import load_weights, refresh_master_weights, zero3_gathered
 
 __all__ = ["TrainerState", "export_weights", "load_checkpoint", "save_checkpoint"]
 
@@ -176,11 +176,7 @@ def _load_consolidated_weights(engine: Any, folder: Path) -> None:
         raise ValueError(f"checkpoint {folder} does not fit the model: missing {sorted(own - set(weights))[:10]}, "
                          f"unexpected {sorted(set(weights) - own)[:10]}")
     load_weights(model, weights)
-    # the optimizer's fp32 master copies must follow the loaded weights
-    if hasattr(engine.optimizer, "refresh_fp32_params"):
-        engine.optimizer.refresh_fp32_params()
-    elif hasattr(engine.optimizer, "_restore_from_bit16_weights"):
-        engine.optimizer._restore_from_bit16_weights()
+    refresh_master_weights(engine)
 
 
 def state_zero_stage(folder: Path) -> int:

@@ -19,9 +19,9 @@ from torch import nn
 
 import revcol
 from pipeline.config import DeepSpeedConfig, RegularizeConfig
-from revcol.measure import release_free_heap
+from revcol.measure import map_large_allocations, release_free_heap
 
-__all__ = ["Objective", "build_engine", "build_model", "deepspeed_config", "largest_param", "load_weights", "zero3_gathered"]
+__all__ = ["Objective", "build_engine", "build_model", "deepspeed_config", "largest_param", "load_weights", "refresh_master_weights", "zero3_gathered"]
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +93,8 @@ def build_model(build: Callable[[], revcol.RevCol], config: dict[str, Any]) -> r
     import deepspeed
 
     remote = zero.get("offload_param", {}).get("device")
+    if remote is not None:  # memory is what offloading is for: keep glibc from hoarding freed blocks
+        map_large_allocations()
     with deepspeed.zero.Init(config_dict_or_path=config, remote_device=remote, pin_memory=False):
         model = build()
     release_free_heap()  # the modules' whole parameters, freed once partitioned, would stay resident otherwise
@@ -208,6 +210,29 @@ def use_fp32_weights_as_zero3_master() -> None:
 
     create_fp32_partitions.compares_devices = True
     Stage3._create_fp32_partitions = create_fp32_partitions
+
+
+def refresh_master_weights(engine: Any) -> None:
+    """Makes the optimizer's fp32 master copies follow weights loaded into the model after the engine was built.
+
+    DeepSpeed's ``refresh_fp32_params`` copies flat weight partitions that are all in memory; with NVMe offload
+    the weights or the master copies are on disk. Each optimizer sub-group's master is rebuilt from its weights
+    (read back from disk where they are) and written where it lives, as DeepSpeed's own set-up does.
+    """
+    optimizer = engine.optimizer
+    if not hasattr(optimizer, "fp16_partitioned_groups_flat_numel"):  # ZeRO 0-2
+        if hasattr(optimizer, "refresh_fp32_params"):
+            optimizer.refresh_fp32_params()
+        return
+    for group, numel in enumerate(optimizer.fp16_partitioned_groups_flat_numel):
+        weights = torch.empty(numel, dtype=optimizer.fp32_partitioned_groups_flat[group].dtype)
+        optimizer._swap_in_sub_group_to_flat_buffer(weights, group)
+        on_disk = optimizer._swappable_optimizer_subgroup(group)
+        if on_disk:
+            optimizer._optimizer_states_and_gradient_swap_in(group)
+        optimizer.fp32_partitioned_groups_flat[group].data.copy_(weights)  # swapping in re-points the master
+        if on_disk:
+            optimizer._optimizer_states_and_gradient_swap_out(group)
 
 
 def build_engine(objective: Objective, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> Any:

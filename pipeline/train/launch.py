@@ -163,6 +163,12 @@ def fit_stage(
         resources["GPU"] = sc.gpus_per_worker
     if sc.memory_per_worker_gb:
         resources["memory"] = sc.memory_per_worker_gb * 2**30
+        offered = ray.cluster_resources().get("memory", 0)
+        if resources["memory"] * sc.num_workers > offered:  # Ray would wait for it forever
+            raise ValueError(
+                f"scaling.memory_per_worker_gb={sc.memory_per_worker_gb} x {sc.num_workers} workers, but the Ray "
+                f"cluster offers {offered / 2**30:.1f} GiB of schedulable memory: lower it or add nodes"
+            )
     path, filesystem = storage(recipe)
     job = StageJob(
         recipe=recipe.model_dump(mode="json", exclude={"s3": {"access_key_id", "secret_access_key"}}),
