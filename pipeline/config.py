@@ -41,6 +41,12 @@ class RecipeError(ValueError):
     """A recipe (or an override) is invalid; the message names every bad key."""
 
 
+def _absolute(path: str) -> Path:
+    """A local path made absolute against the working directory of whoever validates the recipe first — the
+    driver: Ray Train workers run in folders of Ray's, where relative paths would point elsewhere."""
+    return Path(path).expanduser().absolute()
+
+
 class _Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, field docstrings are the documentation."""
 
@@ -48,11 +54,20 @@ class _Section(BaseModel):
 
 
 class TrackingConfig(_Section):
-    uri: str = "sqlite:///mlflow.db"
-    """MLflow tracking URI: a local database (``sqlite:///mlflow.db``) or a server (``http://host:5000``).
-    MLflow 3 refuses plain-folder stores (``mlruns``)."""
+    uri: str = Field(default="sqlite:///mlflow.db", validate_default=True)
+    """MLflow tracking URI: a local database (``sqlite:///mlflow.db``, made absolute like every local path) or a
+    server (``http://host:5000``). MLflow 3 refuses plain-folder stores (``mlruns``)."""
     experiment: str | None = None
     """MLflow experiment name; defaults to the recipe ``name``."""
+
+    @field_validator("uri")
+    @classmethod
+    def _absolute_database(cls, uri: str) -> str:
+        sqlite = "sqlite:///"
+        database = uri.removeprefix(sqlite)
+        if uri.startswith(sqlite) and not Path(database).is_absolute():
+            return sqlite + str(_absolute(database))
+        return uri
 
 
 class S3Config(_Section):
@@ -214,15 +229,14 @@ class DeepSpeedConfig(_Section):
     offload_param: Literal["none", "cpu", "nvme"] = "none"
     """Where ZeRO-3 keeps parameters."""
     nvme_path: str | None = None
-    """Local folder for NVMe offload files (made absolute against the working directory of whoever validates the
-    recipe first: the driver)."""
+    """Local folder for NVMe offload files (made absolute)."""
     extra: dict[str, Any] = Field(default_factory=dict)
     """Raw DeepSpeed JSON merged over the generated config (expert escape hatch)."""
 
     @field_validator("nvme_path")
     @classmethod
-    def _absolute(cls, value: str | None) -> str | None:
-        return None if value is None else str(Path(value).expanduser().absolute())
+    def _absolute_folder(cls, value: str | None) -> str | None:
+        return None if value is None else str(_absolute(value))
 
     @model_validator(mode="after")
     def _offload_consistent(self) -> DeepSpeedConfig:
@@ -305,8 +319,8 @@ class StageConfig(_Section):
 class Recipe(_Section):
     name: str
     """Pipeline name: the MLflow experiment, and the folder under ``storage_path``."""
-    storage_path: str = "runs"
-    """Where checkpoints and exports go: a local folder or ``s3://bucket/prefix``."""
+    storage_path: str = Field(default="runs", validate_default=True)
+    """Where checkpoints and exports go: a local folder (made absolute) or ``s3://bucket/prefix``."""
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     """MLflow: where runs go."""
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
@@ -315,6 +329,11 @@ class Recipe(_Section):
     """S3 endpoint and credentials (else the standard AWS variables)."""
     stages: Annotated[list[StageConfig], Field(min_length=1)]
     """Ordered stages; each runs after the previous one finished."""
+
+    @field_validator("storage_path")
+    @classmethod
+    def _absolute_storage(cls, value: str) -> str:
+        return value if "://" in value else str(_absolute(value))
 
     @field_validator("name")
     @classmethod

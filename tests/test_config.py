@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -41,7 +42,7 @@ def test_valid_recipe_gives_typed_objects_with_defaults():
     ft = recipe.stage("finetune")
     assert ft.optim.base_lr == 1e-4 and ft.optim.layer_decay == 0.9
     assert ft.deepspeed.zero_stage == 0 and ft.regularize.label_smoothing == 0.1
-    assert recipe.scaling.cpus_per_worker == 0.5 and recipe.tracking.uri == "sqlite:///mlflow.db"
+    assert recipe.scaling.cpus_per_worker == 0.5 and recipe.tracking.uri == f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def test_load_from_yaml_file_with_overrides(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -155,6 +156,7 @@ def train_func(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     micro, accum = stage.data.batch_size, stage.deepspeed.grad_accum
+    _remove_offload_files(stage, rank)  # left by a crashed attempt: rebuilt from the model or checkpoint anyway
     nvme_params = stage.deepspeed.offload_param == "nvme"
     ds_config = deepspeed_config(
         stage.deepspeed, micro_batch=micro, largest_param=largest_param(model_builder(job, stage)) if nvme_params else 0
@@ -281,11 +283,22 @@ def train_func(config: dict[str, Any]) -> None:
             report(metrics, export=done)
         elif metrics:
             ray.train.report({**metrics, "step": state.step, "epoch": position.epoch or 0})
+    engine.destroy()
+    _remove_offload_files(stage, rank)
     if not tracker.close() and tracker.fallback_path.exists():
         from pipeline.train.launch import write_storage
 
         uri = write_storage(recipe, stage, tracker.fallback_path.name, tracker.fallback_path.read_bytes())
         logger.warning("undelivered metrics saved to %s; the driver replays them when MLflow is back", uri)
+
+
+def _remove_offload_files(stage: StageConfig, rank: int) -> None:
+    """This rank's DeepSpeed swap files under ``deepspeed.nvme_path`` (tens of GB for a large model): scratch,
+    so they go when the stage ends rather than staying on the disk."""
+    if stage.deepspeed.nvme_path is None:
+        return
+    for folder in Path(stage.deepspeed.nvme_path).glob(f"zero_stage_*/*/rank{rank}"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _open_trace(folder: str | None, rank: int) -> Any:
@@ -316,7 +329,7 @@ def _log_progress(
     tracker.log_metrics(metrics, step=state.step)
     if rank == 0:
         logger.info(
-            "%s step %d/%d epoch %d loss %.4f lr %.2e %.1f samples/s stall %.0f%% skipped %d",
+            "%s step %d/%d epoch %d loss %.4f lr %.2e %.3g samples/s stall %.0f%% skipped %d",
             stage.name, state.step, total_steps, state.epoch, metrics["train/loss"], metrics["train/lr"],
             metrics["train/samples_per_s"], 100 * metrics["data/stall_frac"], skipped,
         )
