@@ -34,7 +34,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 # Memory-bounded ZeRO-3 settings (elements, not bytes). DeepSpeed's defaults size buffers for GPUs with tens of
 # GiB: a 5e8-element (2 GB fp32) gradient reduce bucket, up to 1e9 live parameters, and with parameter offload
 # up to 1e9 parameters (4 GB) kept in host memory beside the offload files.
-REDUCE_BUCKET = 50_000_000
+REDUCE_BUCKET = 20_000_000  # 80 MB fp32: still large messages for NCCL/gloo, 4 % of ZeRO-3 RevCol-L per rank
 MAX_LIVE_PARAMS = 100_000_000
 # NVMe offload (measured with RevCol-H on a 24 GiB, 2-core node; see benchmarks/revcol_h_offload.py):
 OFFLOAD_SUB_GROUP = 50_000_000  # optimizer state is swapped in per sub-group of this many parameters
