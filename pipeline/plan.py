@@ -17,7 +17,7 @@ Where the numbers come from:
   shards the AdamW state (and, in DeepSpeed, the gradients too), ZeRO-2 the gradients, ZeRO-3 also the weights.
   ZeRO-1/2 also keep a separate fp32 master partition (4/W bytes per parameter): DeepSpeed clones it even from
   fp32 weights. ZeRO-3 uses the fp32 weights as their own master (``stage3.py`` means to, and does once
-  ``pipeline.train.engine.use_fp32_weights_as_zero3_master`` fixes its device check), unless the optimizer is
+  ``pipeline.train.deepspeed_fixes.use_fp32_weights_as_zero3_master`` fixes its device check), unless the optimizer is
   offloaded, where the master is a converted copy on the host or NVMe. These per-stage
   bytes were checked against real DeepSpeed engines on 2 gloo ranks (CPU heap after backward: within 5 % for
   ZeRO-0…3, fp32 and bf16). DeepSpeed's own estimators
@@ -779,7 +779,7 @@ def _model_state_items(
         # hold the same bytes after backward).
         items.append(("gradients", f"gradients (fp32{shard})", _FP32 * own, persistent))
         # A separate fp32 master partition even for fp32 weights under ZeRO-1/2 (stage_1_and_2.py clones it);
-        # ZeRO-3 aliases fp32 weights (see engine.use_fp32_weights_as_zero3_master) unless it offloads them.
+        # ZeRO-3 aliases fp32 weights (see deepspeed_fixes.use_fp32_weights_as_zero3_master) unless it offloads them.
         if z < 3 or ds.offload_optimizer != "none":
             items.append(("master", f"master weights (fp32{shard})", _FP32 * own, persistent))
         items.append(("optimizer", f"AdamW state (exp_avg, exp_avg_sq{shard})", _ADAM * own, persistent))

@@ -32,7 +32,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.train.ema import ShardedEma
-from pipeline.train.engine import load_weights, refresh_master_weights, zero3_gathered
+from pipeline.train.deepspeed_fixes import refresh_master_weights
+from pipeline.train.engine import load_weights, zero3_gathered
 
 __all__ = ["TrainerState", "export_weights", "load_checkpoint", "save_checkpoint"]
 
