@@ -98,12 +98,13 @@ def fixed_batch(recipe: Recipe, batch: int) -> tuple[torch.Tensor, torch.Tensor]
     return (images - mean) / std, torch.tensor(digits.target[:batch], dtype=torch.long)
 
 
-def _stage_parts(recipe: Recipe, num_classes: int) -> tuple[Any, Any]:
+def _model_builder(recipe: Recipe, num_classes: int) -> Any:
+    """The stage's model constructor, exactly as the training worker builds it."""
     from pipeline.train.loop import StageJob, model_builder
 
     job = StageJob(recipe=recipe.model_dump(mode="json"), stage=recipe.stages[0].name, num_classes=num_classes,
                    train_samples=1)
-    return job, model_builder(job, recipe.stages[0])
+    return model_builder(job, recipe.stages[0])
 
 
 def _plain(_: int, recipe_dict: dict, batch: int, num_classes: int, out: str) -> None:
@@ -113,7 +114,7 @@ def _plain(_: int, recipe_dict: dict, batch: int, num_classes: int, out: str) ->
     recipe = Recipe.model_validate(recipe_dict)
     sampler = Sampler()
     sampler.start()
-    _, build = _stage_parts(recipe, num_classes)
+    build = _model_builder(recipe, num_classes)
     torch.manual_seed(0)
     start = time.perf_counter()
     model = build()
@@ -144,7 +145,7 @@ def _offload(_: int, recipe_dict: dict, batch: int, num_classes: int, steps: int
     sampler = Sampler(folder)
     sampler.start()
     deepspeed.init_distributed(dist_backend="gloo")
-    _, build = _stage_parts(recipe, num_classes)
+    build = _model_builder(recipe, num_classes)
     config = deepspeed_config(stage.deepspeed, micro_batch=batch, largest_param=largest_param(build))
     torch.manual_seed(0)
     start = time.perf_counter()
