@@ -112,11 +112,12 @@ def _evaluate(engine: Any, shard: Any, batch_size: int) -> dict[str, float]:
 
     from pipeline.data.stream import iter_eval_batches
 
-    totals = torch.zeros(3 + 8, dtype=torch.float64)  # correct@1, correct@5, count, per-column correct@1 …
+    # On the engine's device: NCCL reduces only GPU tensors.
+    totals = torch.zeros(3 + 8, dtype=torch.float64, device=engine.device)  # correct@1, @5, count, per column …
     columns = 1
     engine.eval()
     with torch.no_grad():
-        for batch in iter_eval_batches(shard, batch_size=batch_size):
+        for batch in iter_eval_batches(shard, batch_size=batch_size, device=engine.device):
             labels, valid = batch["label"].long(), batch["valid"].bool()
             _, logits = engine(batch["image"], labels.clamp_min(0))
             columns = len(logits)
@@ -239,7 +240,7 @@ def train_func(config: dict[str, Any]) -> None:
     window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "samples": 0}
     while not done:
         t_wait = time.perf_counter()
-        for batch in iter_train_batches(train_shard, batch_size=micro, position=position):
+        for batch in iter_train_batches(train_shard, batch_size=micro, position=position, device=engine.device):
             t_got = time.perf_counter()
             if trace is not None:
                 trace.writelines(f"{batch['epoch']} {s} {i}\n" for s, i in zip(batch["shard"].tolist(), batch["index"].tolist()))
