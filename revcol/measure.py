@@ -60,15 +60,24 @@ def release_free_heap() -> None:
     _glibc().malloc_trim(0)
 
 
+def _allocated(device: torch.device) -> int:
+    """Bytes allocated on ``device`` right now: CUDA's allocator on a GPU, the malloc heap on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+    return heap_in_use()
+
+
 def memory_kept_for_backward(
     model: torch.nn.Module, images: torch.Tensor, loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 ) -> int:
-    """Heap growth in bytes from just before ``loss_fn(model, images)`` to just after it (then runs backward)."""
+    """Memory growth in bytes on ``images``' device from just before ``loss_fn(model, images)`` to just after it
+    (then runs backward)."""
     model.zero_grad(set_to_none=False)  # gradient buffers exist before the measurement
     gc.collect()
-    before = heap_in_use()
+    before = _allocated(images.device)
     loss = loss_fn(model, images)
-    kept = heap_in_use() - before
+    kept = _allocated(images.device) - before
     loss.backward()
     del loss
     gc.collect()
@@ -78,8 +87,10 @@ def memory_kept_for_backward(
 def train_step_seconds(
     model: torch.nn.Module, images: torch.Tensor, loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
 ) -> float:
-    """Wall time of one forward + loss + backward."""
+    """Wall time of one forward + loss + backward (waiting for the GPU's queued work)."""
     model.zero_grad(set_to_none=False)
+    _allocated(images.device)
     start = time.perf_counter()
     loss_fn(model, images).backward()
+    _allocated(images.device)
     return time.perf_counter() - start
