@@ -126,6 +126,8 @@ _CONTROL_KEY = "revcol.stream_control"
 _BLOCK_BYTES = 8 * 1024 * 1024
 """Target size of one emitted block of decoded rows."""
 _MAX_BLOCK_ROWS = 256
+_SAMPLES_PER_TASK = 1500
+"""Samples a decode task aims at, several seconds of decoding (see ``_slots_per_task``)."""
 _POSITION_VERSION = 1
 _IMAGE_FIELDS = ("jpg", "jpeg", "png")
 
@@ -1176,14 +1178,23 @@ def _build(
     return control, shard_set, image, task_spec, info
 
 
+def _slots_per_task(num_slots: int, samples_per_slot: float, tasks: int) -> int:
+    """Shards per decode task: enough samples that the ~0.2 s between one task and the next on a worker (Ray
+    Data's scheduling loop) stays small against the task's work, and still at least 4 tasks per concurrent task
+    slot, so the end of an epoch does not wait on one long task."""
+    wanted = math.ceil(_SAMPLES_PER_TASK / max(samples_per_slot, 1.0))
+    return max(1, min(wanted, num_slots // (4 * tasks)))
+
+
 def _finish_dataset(items: list[dict[str, int]], fn: Any, task_spec: _TaskSpec, control: Any, *, data_cpus: float,
                     deterministic: bool) -> Any:
     import ray
 
     tasks, cpus = _task_resources(data_cpus)
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+    per_task = _slots_per_task(len(items), sum(task_spec.samples) / len(task_spec.samples), tasks)
+    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task)).map_batches(
         fn,
-        batch_size=1,
+        batch_size=per_task,
         fn_kwargs={"spec": task_spec, "control": control},
         compute=ray.data.TaskPoolStrategy(size=tasks),
         num_cpus=cpus,
