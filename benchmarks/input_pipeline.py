@@ -3,7 +3,10 @@
 Generates (once, cached) photo-like JPEGs of random sizes (224-500 px a side: smooth gradients, shapes, blur,
 noise) in ten class folders, writes them as WebDataset shards with ``write_shards``, then measures, with the same
 train transform (the paper's recipe: RandomResizedCrop bicubic, flip, RandAugment rand-m9-mstd0.5-inc1,
-normalize, random erasing 0.25) and the same number N of CPU workers:
+normalize, random erasing 0.25) and the same number N of CPU workers (default: one fewer than the machine's
+CPUs, as in training, where the trainer process that consumes the batches needs a core of its own; the ceiling
+gives its N loops whole cores and nothing to consume their output, so with N equal to all CPUs it counts the
+consumer's core twice):
 
 * ``ceiling``: a single-process decode + transform loop over in-memory samples, times N (perfect scaling), and
   ``ceiling_parallel``: the same loop in N processes at once (what a loaded machine really gives N workers);
@@ -14,7 +17,7 @@ normalize, random erasing 0.25) and the same number N of CPU workers:
   and ``ray_read_webdataset_read_only``: the reader alone (its per-sample cost, ray-project/ray#65350).
 
 An epoch lists every shard ``--repeat-shards`` times (8,000 samples by default), so per-epoch start-up and the
-shuffle buffers weigh as they would on a real dataset less. Each run warms up (the first batches of an epoch: worker
+shuffle buffers weigh as they would on a real dataset less. Each run warms up with one untimed epoch (worker
 processes start, imports), then times ``--epochs`` epochs: their samples over their wall time, per-epoch start-up
 included (``first_batch_s`` reports it). The ceiling has no start-up at all, so it stays an upper bound. The
 consumer's torch uses one thread. Every measurement records the machine's 1-minute load average and
@@ -56,7 +59,6 @@ CONTENDERS = ("ceiling", "ceiling_parallel", "dataloader", "ours", "ours_unorder
               "ray_read_webdataset_read_only")
 NUM_CLASSES = 10
 SHUFFLE_BUFFER = 1000
-WARMUP_BATCHES = 10
 
 
 # ----------------------------------------------------------------------------------------------------- the data
@@ -182,14 +184,17 @@ class _CpuMeter:
 
 
 def _timed(epochs: Callable[[], Iterable[Any]], size_of: Callable[[Any], int], *, count: int) -> dict[str, Any]:
-    """A warm-up (the first batches of an epoch: worker processes start, imports), then ``count`` timed epochs.
+    """One untimed warm-up epoch (worker processes start, imports), then ``count`` timed epochs.
 
+    The warm-up runs to the end of its epoch: leaving a pass early cancels Ray tasks still decoding, and Ray
+    replaces a worker whose task was cancelled, so the next pass would pay a fresh worker's imports (~4 s here).
     Besides wall-clock throughput it reports ``cpu_ms_per_sample``: CPU time of this process tree per sample, which
     the load other programs put on the machine barely changes.
     """
-    for i, _ in enumerate(epochs()):
-        if i == WARMUP_BATCHES:
-            break
+    warmup = time.perf_counter()
+    for _ in epochs():
+        pass
+    warmup = time.perf_counter() - warmup
     start = time.perf_counter()
     total = 0
     first_batch: list[float] = []
@@ -211,6 +216,7 @@ def _timed(epochs: Callable[[], Iterable[Any]], size_of: Callable[[Any], int], *
         "samples_per_s": total / seconds,
         "cpu_ms_per_sample": 1e3 * cpu / max(total, 1),
         "first_batch_s": statistics.median(first_batch),
+        "warmup_epoch_s": warmup,
     }
 
 
@@ -343,10 +349,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000, help="synthetic JPEGs to generate (cached)")
     parser.add_argument("--shard-size", type=int, default=250)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="CPU workers for every contender")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="CPU workers for every contender (default: CPUs - 1, a core left for the consumer)")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--ceiling-samples", type=int, default=300, help="samples timed for the ceiling")
-    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per run (after a short warm-up)")
+    parser.add_argument("--ceiling-samples", type=int, default=1000, help="samples timed for the ceiling")
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per run (after a warm-up epoch)")
     parser.add_argument("--repeat-shards", type=int, default=4,
                         help="list every shard this many times per epoch (longer epochs, same images)")
     parser.add_argument("--repeats", type=int, default=2, help="runs per contender, interleaved (median kept)")
