@@ -60,12 +60,16 @@ def release_free_heap() -> None:
     _glibc().malloc_trim(0)
 
 
-def _allocated(device: torch.device) -> int:
-    """Bytes allocated on ``device`` right now: CUDA's allocator on a GPU, the malloc heap on the CPU."""
+def _wait_for(device: torch.device) -> None:
+    """Returns once ``device``'s queued work has run (CUDA kernels run asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        return torch.cuda.memory_allocated(device)
-    return heap_in_use()
+
+
+def _allocated(device: torch.device) -> int:
+    """Bytes allocated on ``device`` right now: CUDA's allocator on a GPU, the malloc heap on the CPU."""
+    _wait_for(device)
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else heap_in_use()
 
 
 def memory_kept_for_backward(
@@ -89,8 +93,8 @@ def train_step_seconds(
 ) -> float:
     """Wall time of one forward + loss + backward (waiting for the GPU's queued work)."""
     model.zero_grad(set_to_none=False)
-    _allocated(images.device)
+    _wait_for(images.device)
     start = time.perf_counter()
     loss_fn(model, images).backward()
-    _allocated(images.device)
+    _wait_for(images.device)
     return time.perf_counter() - start

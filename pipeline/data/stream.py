@@ -3,11 +3,12 @@
 Shards are those written by :func:`pipeline.data.shards.write_shards` (a local folder or ``s3://`` prefix holding
 ``shard-NNNNNN.tar`` and ``manifest.json``). A Ray Data task reads a few whole shards one after the other (boto3
 for S3, with retries and backoff), groups their tar members into samples, decodes and augments them and emits
-``uint8`` rows in blocks of tens of samples, so Ray's per-row machinery is never on the per-sample path (Ray's stock ``read_webdataset`` pays
-per-sample costs, ray-project/ray#65350; ``benchmarks/input_pipeline.py`` measures both). Decode tasks have their
-own CPU budget (``ScalingConfig.data_cpus``), apart from the trainers' CPUs. Each Ray Train worker reads its part
-of the stream (Ray Train's ``streaming_split(n, equal=True)``) and turns it into torch batches: normalization and
-the random-erasing noise run there, on the trainer's device (as timm's ``PrefetchLoader`` does).
+``uint8`` rows in blocks of tens of samples, so Ray's per-row machinery is never on the per-sample path (Ray's
+stock ``read_webdataset`` pays per-sample costs, ray-project/ray#65350; ``benchmarks/input_pipeline.py`` measures
+both). Decode tasks have their own CPU budget (``ScalingConfig.data_cpus``), apart from the trainers' CPUs. Each
+Ray Train worker reads its part of the stream (Ray Train's ``streaming_split(n, equal=True)``) and turns it into
+torch batches: normalization and the random-erasing noise run there, on the trainer's device (as timm's
+``PrefetchLoader`` does).
 
 Driver side::
 
