@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,22 +28,17 @@ from typing import Any
 OOM_EXIT = 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def train_steps(name: str, zero_stage: int, batch: int, *, steps: int, warmup: int, size: int) -> dict[str, Any]:
     """Builds the engine for ``name`` at ``zero_stage`` and times ``steps`` steps after ``warmup`` (rank 0 of 1)."""
     import torch
 
     import revcol
     from pipeline.config import DeepSpeedConfig, OptimConfig, RegularizeConfig
+    from pipeline.services import free_port
     from pipeline.train.engine import Objective, build_engine, build_model, deepspeed_config
     from pipeline.train.optim import build_optimizer, param_groups, scaled_lr
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                       WORLD_SIZE="1")
     torch.cuda.set_device(0)
     import deepspeed
