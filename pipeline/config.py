@@ -84,8 +84,8 @@ class S3Config(_Section):
 
 
 class ScalingConfig(_Section):
-    num_workers: int = Field(default=1, ge=0)
-    """Ray Train workers (one per GPU when ``use_gpu``). 0 runs the training function in-process (local mode)."""
+    num_workers: int = Field(default=1, ge=1)
+    """Ray Train workers (one per GPU when ``use_gpu``)."""
     use_gpu: bool = False
     """Give each worker one GPU and use NCCL; otherwise CPU workers with gloo."""
     cpus_per_worker: float = Field(default=1.0, gt=0)

@@ -247,7 +247,7 @@ class S3Server(_Service):
         }
 
     def s3_config(self) -> Any:
-        """Settings for :func:`pipeline.s3.make_client` that point at this server.
+        """Settings for :func:`pipeline.storage.make_client` that point at this server.
 
         Returns:
             A :class:`pipeline.config.S3Config` with the endpoint and the dummy test credentials.
@@ -268,7 +268,7 @@ class S3Server(_Service):
         Returns:
             A ``botocore`` S3 client.
         """
-        from pipeline.s3 import make_client
+        from pipeline.storage import make_client
 
         return make_client(self.s3_config(), environ={})
 

@@ -46,20 +46,20 @@ class StageOutcome:
 
 # --------------------------------------------------------------------------------------------- storage helpers
 def _read_result(recipe: Recipe, stage: StageConfig) -> StageOutcome | None:
-    from pipeline.train.launch import read_storage
+    from pipeline.train.run_folder import read_file
 
-    data = read_storage(recipe, stage, RESULT_FILE)
+    data = read_file(recipe, stage, RESULT_FILE)
     return StageOutcome(**json.loads(data)) if data else None
 
 
 def _write_result(recipe: Recipe, stage: StageConfig, outcome: StageOutcome) -> None:
-    from pipeline.train.launch import write_storage
+    from pipeline.train.run_folder import write_file
 
-    write_storage(recipe, stage, RESULT_FILE, json.dumps(asdict(outcome), indent=1).encode())
+    write_file(recipe, stage, RESULT_FILE, json.dumps(asdict(outcome), indent=1).encode())
 
 
 def _checkpoint_uri(recipe: Recipe, path: str) -> str:
-    from pipeline.s3 import is_s3_url
+    from pipeline.storage import is_s3_url
 
     return f"s3://{path}" if is_s3_url(recipe.storage_path) else path
 

@@ -1,4 +1,4 @@
-"""Experiment tracking behind a small interface: MLflow for real runs, an in-memory tracker for tests.
+"""Experiment tracking behind a small interface: MLflow for real runs, a no-op tracker for the other ranks.
 
 Only rank 0 logs (the gating is here, not at call sites). The MLflow tracker
 
@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["MemoryTracker", "MLflowTracker", "NullTracker", "Tracker", "flatten_params", "log_new_params", "redact", "start_run"]
+__all__ = ["MLflowTracker", "NullTracker", "Tracker", "flatten_params", "log_new_params", "redact", "start_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +30,9 @@ REDACTED = "***"
 
 
 class Tracker(Protocol):
+    """What the training loop logs through: metrics by step, then a close that reports delivery."""
+
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None: ...
-
-    def log_params(self, params: Mapping[str, Any]) -> None: ...
-
-    def set_tags(self, tags: Mapping[str, str]) -> None: ...
-
-    def log_artifact(self, path: str | Path, *, artifact_path: str | None = None) -> None: ...
 
     def close(self, *, timeout: float = 30.0) -> bool: ...
 
@@ -47,35 +43,8 @@ class NullTracker:
     def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
         pass
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        pass
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        pass
-
-    def log_artifact(self, path: str | Path, *, artifact_path: str | None = None) -> None:
-        pass
-
     def close(self, *, timeout: float = 0.0) -> bool:
         return True
-
-
-class MemoryTracker(NullTracker):
-    """Keeps everything in memory (tests)."""
-
-    def __init__(self) -> None:
-        self.metrics: list[tuple[int, str, float]] = []
-        self.params: dict[str, Any] = {}
-        self.tags: dict[str, str] = {}
-
-    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
-        self.metrics.extend((step, k, float(v)) for k, v in metrics.items())
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        self.params.update(params)
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        self.tags.update(tags)
 
 
 def redact(value: Any, key: str = "") -> Any:
@@ -175,25 +144,6 @@ class MLflowTracker:
                 self._pending.append(Metric(key, float(value), stamp, step))
                 self.last_steps[key] = step
         self._flush()
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        try:
-            log_new_params(self.client, self.run_id, params)
-        except Exception as err:  # noqa: BLE001
-            self._note_down(err)
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        try:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, v)
-        except Exception as err:  # noqa: BLE001
-            self._note_down(err)
-
-    def log_artifact(self, path: str | Path, *, artifact_path: str | None = None) -> None:
-        try:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
-        except Exception as err:  # noqa: BLE001
-            self._note_down(err)
 
     def close(self, *, timeout: float = 30.0) -> bool:
         """Delivers what is buffered, retrying for up to ``timeout`` seconds; what is still undelivered then is

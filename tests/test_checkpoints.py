@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow.fs
 import pytest
 import torch.distributed as dist
 
 from pipeline.config import parse_recipe
 from pipeline.services import free_port
-from pipeline.train.launch import keep_best, latest_checkpoint, run_name
+from pipeline import storage
+from pipeline.train.run_folder import keep_best, latest_checkpoint, run_name
 
 
 @pytest.fixture
@@ -43,8 +43,7 @@ def test_keep_best_replaces_the_earlier_best_and_leaves_the_rotated_checkpoints(
     rotated = [_checkpoint(run / f"checkpoint_2030-01-01_00-00-{s:02d}.000000", s) for s in (15, 20)]
     _checkpoint(run / "best_step000000005", 5)
 
-    best = keep_best(_checkpoint(tmp_path / "local", 20), fs=pyarrow.fs.LocalFileSystem(), run_folder=str(run),
-                     step=20)
+    best = keep_best(_checkpoint(tmp_path / "local", 20), recipe, recipe.stages[0], step=20)
 
     assert sorted(p.name for p in run.iterdir()) == ["best_step000000020", *(p.name for p in rotated)]
     assert json.loads((Path(best) / "trainer_state.json").read_text())["step"] == 20
@@ -53,14 +52,14 @@ def test_keep_best_replaces_the_earlier_best_and_leaves_the_rotated_checkpoints(
 
 
 def test_a_failed_copy_keeps_the_earlier_best(tmp_path, one_rank, monkeypatch):
-    _, run = _run_folder(tmp_path)
+    recipe, run = _run_folder(tmp_path)
     earlier = _checkpoint(run / "best_step000000005", 5)
 
     def storage_fails(*args, **kwargs):
         raise OSError("storage went away mid-copy")
 
-    monkeypatch.setattr(pyarrow.fs, "copy_files", storage_fails)
+    monkeypatch.setattr(storage, "put_file", storage_fails)
     with pytest.raises(OSError):
-        keep_best(_checkpoint(tmp_path / "local", 20), fs=pyarrow.fs.LocalFileSystem(), run_folder=str(run), step=20)
+        keep_best(_checkpoint(tmp_path / "local", 20), recipe, recipe.stages[0], step=20)
     assert sorted(p.name for p in earlier.rglob("*") if p.is_file()) == [
         "mp_rank_00_model_states.pt", "rng_rank0.pt", "trainer_state.json"]

@@ -67,7 +67,7 @@ def test_load_from_yaml_file_with_overrides(tmp_path):
         ("stages.0.model.name=revcol_giant", "unknown model 'revcol_giant'; allowed: revcol_tiny"),
         ("stages.0.model.overrides={widths: [1]}", "unknown override(s) ['widths']"),
         ("stages.0.kind=distill", "stages.0.kind: Input should be 'pretrain', 'finetune' or 'eval'"),
-        ("scaling.num_workers=-1", "scaling.num_workers: Input should be greater than or equal to 0 (got -1)"),
+        ("scaling.num_workers=0", "scaling.num_workers: Input should be greater than or equal to 1 (got 0)"),
         ("stages.0.optim.betas=[0.9, 1.5]", "betas must lie in [0, 1)"),
         ("stages.0.deepspeed.offload_param=cpu", "offload_param='cpu' needs zero_stage: 3"),
         ("stages.2.init_from=pretrian", "'pretrian' is neither an earlier stage"),

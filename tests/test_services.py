@@ -148,7 +148,7 @@ def test_services_up_prints_exports_and_stops_on_sigterm(tmp_path: Path) -> None
         with urllib.request.urlopen(f"{exports['MLFLOW_TRACKING_URI']}/health", timeout=10) as response:
             assert response.status == 200
         from pipeline.config import S3Config
-        from pipeline.s3 import make_client
+        from pipeline.storage import make_client
 
         s3 = make_client(
             S3Config(endpoint_url=exports["AWS_ENDPOINT_URL"], access_key_id="testing", secret_access_key="testing"),

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import shards as shards_mod
+from pipeline import storage
 from pipeline.data.shards import (
     MANIFEST_NAME,
     PARTIAL_MANIFEST_NAME,
@@ -28,8 +28,8 @@ from pipeline.data.shards import (
     verify_shards,
     write_shards,
 )
-from pipeline.s3 import S3AccessError, make_client
 from pipeline.services import S3Server, free_port
+from pipeline.storage import S3AccessError, make_client
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -373,7 +373,7 @@ def test_refuses_to_overwrite_a_different_dataset(image_folder: Path, tmp_path: 
 def test_s3_write_verify_multipart(
     digits_local: Path, s3_server: S3Server, s3_bucket: str, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(shards_mod, "_MULTIPART_THRESHOLD", 5 * 1024 * 1024)  # S3's smallest part size
+    monkeypatch.setattr(storage, "MULTIPART_BYTES", 5 * 1024 * 1024)  # S3's smallest part size
     url = f"s3://{s3_bucket}/datasets/digits"
     manifest = write_shards("digits", url, shard_size=1000, seed=0, progress=False)
     assert manifest == read_manifest(str(digits_local))

@@ -27,8 +27,6 @@ from pipeline.data.shards import write_shards
 from pipeline.data.stream import (
     DataSkipError,
     StreamPosition,
-    _tar_files,
-    _tar_files_by_tarfile,
     build_eval_dataset,
     build_train_dataset,
     check_inputs,
@@ -38,6 +36,7 @@ from pipeline.data.stream import (
     skipped_counts,
     train_data_config,
 )
+from pipeline.data.tar import tar_files, tar_files_by_tarfile
 from pipeline.data.transforms import (
     build_train_transform,
     mix_seed,
@@ -45,7 +44,7 @@ from pipeline.data.transforms import (
     sample_erase_box,
     seed_sample,
 )
-from pipeline.s3 import S3AccessError, split_s3_url
+from pipeline.storage import S3AccessError, split_s3_url
 from pipeline.services import S3Server, free_port
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
@@ -187,22 +186,22 @@ def test_tar_reader_agrees_with_tarfile(local_shards: tuple[Path, dict[str, Any]
     reaches tarfile's verdict on truncated or damaged archives."""
     folder, manifest = local_shards
     shard = (folder / manifest["shards"][0]["name"]).read_bytes()
-    files, broken = _tar_files(shard)
+    files, broken = tar_files(shard)
     assert not broken and len({name.split(".")[0] for name, *_ in files}) == manifest["shards"][0]["samples"]
-    assert (files, broken) == _tar_files_by_tarfile(shard)
+    assert (files, broken) == tar_files_by_tarfile(shard)
     for cut in [*range(0, 4096, 61), len(shard) // 2, len(shard) - 1024, len(shard) - 10]:
-        assert _tar_files(shard[:cut]) == _tar_files_by_tarfile(shard[:cut]), cut
+        assert tar_files(shard[:cut]) == tar_files_by_tarfile(shard[:cut]), cut
     rng = np.random.default_rng(0)
     for _ in range(200):  # single bit flips in the first members' headers and data
         damaged = bytearray(shard[:8192])
         i = int(rng.integers(len(damaged)))
         damaged[i] ^= 1 << int(rng.integers(8))
-        assert _tar_files(bytes(damaged)) == _tar_files_by_tarfile(bytes(damaged)), i
+        assert tar_files(bytes(damaged)) == tar_files_by_tarfile(bytes(damaged)), i
     long_names = ["a" * 150 + "/x.jpg", "p" * 120 + ".cls"]
     for fmt, extra in ((tarfile.PAX_FORMAT, long_names), (tarfile.GNU_FORMAT, long_names), (tarfile.USTAR_FORMAT, [])):
         data = _tar_of(["d/", "q" * 90 + "/" + "r" * 90 + ".jpg", "é/y.cls", "s.cls", *extra], fmt)
-        files, broken = _tar_files(data)
-        assert (files, broken) == _tar_files_by_tarfile(data) and not broken
+        files, broken = tar_files(data)
+        assert (files, broken) == tar_files_by_tarfile(data) and not broken
         assert [data[a:b] for _, a, b in files] == [n.encode() * 3 for n, *_ in files]
         assert len(files) == 3 + len(extra)
 
@@ -488,13 +487,14 @@ def test_s3_fail_fast(s3_server: S3Server, s3_auth_server: S3Server, s3_bucket: 
 
 
 def test_s3_reads_retry_then_give_up_quickly() -> None:
-    from pipeline.data.stream import _read_shard, _Unavailable
+    from pipeline.data.stream.decode import read_shard
+    from pipeline.data.stream.skips import Unavailable
 
     dead = S3Config(endpoint_url=f"http://127.0.0.1:{free_port()}", access_key_id="a", secret_access_key="b",
                     max_attempts=3)
     started = time.monotonic()
-    with pytest.raises(_Unavailable) as info:
-        _read_shard("s3://bucket/shard-000000.tar", dead)
+    with pytest.raises(Unavailable) as info:
+        read_shard("s3://bucket/shard-000000.tar", dead)
     assert info.value.kind == "unreadable shard" and "after 3 attempts" in info.value.detail
     assert time.monotonic() - started < 30
 

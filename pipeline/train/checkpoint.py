@@ -178,7 +178,3 @@ def _load_consolidated_weights(engine: Any, folder: Path) -> None:
                          f"unexpected {sorted(set(weights) - own)[:10]}")
     load_weights(model, weights)
     refresh_master_weights(engine)
-
-
-def state_zero_stage(folder: Path) -> int:
-    return int(json.loads((folder / STATE_FILE).read_text()).get("zero_stage", 0))

@@ -22,12 +22,13 @@ import psutil
 import torch
 
 import revcol
-from pipeline.config import Recipe, StageConfig
+from pipeline.config import Recipe, S3Config, StageConfig
 from pipeline.data.stream import StreamPosition, iter_train_batches, skipped_counts
 from pipeline.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from pipeline.train.ema import ShardedEma
 from pipeline.train.engine import Objective, build_engine, build_model, deepspeed_config, largest_param
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
+from pipeline.train.run_folder import keep_best, latest_checkpoint, write_file
 
 __all__ = ["StageJob", "train_func"]
 
@@ -46,12 +47,17 @@ class StageJob:
     tracking_uri: str | None = None
     init_weights: str | None = None
     log_every: int = 10
+    s3: S3Config | None = None
+    """The driver's resolved S3 settings for storage: travel as an object (its repr hides the keys), since the
+    plain recipe above carries no credentials."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def resolved(self) -> tuple[Recipe, StageConfig]:
         recipe = Recipe.model_validate(self.recipe)
+        if self.s3 is not None:
+            recipe = recipe.model_copy(update={"s3": self.s3})
         return recipe, recipe.stage(self.stage)
 
 
@@ -191,8 +197,6 @@ def train_func(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     found = None
     if checkpoint is None:
-        from pipeline.train.launch import latest_checkpoint
-
         found = latest_checkpoint(recipe, stage, into=Path(tempfile.mkdtemp(prefix="revcol-resume-")))
     if checkpoint is not None or found is not None:
         if checkpoint is not None:
@@ -229,11 +233,7 @@ def train_func(config: dict[str, Any]) -> None:
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
             )
             if new_best:
-                from pipeline.train.launch import keep_best
-
-                storage = ray.train.get_context().get_storage()
-                keep_best(Path(tmp), fs=storage.storage_filesystem, run_folder=storage.experiment_fs_path,
-                          step=state.step)
+                keep_best(Path(tmp), recipe, stage, step=state.step)
 
     trace = _open_trace(stage.data.trace_dir, rank)
     done = state.step >= total_steps
@@ -287,9 +287,7 @@ def train_func(config: dict[str, Any]) -> None:
     engine.destroy()
     _remove_offload_files(stage, rank)
     if not tracker.close() and tracker.fallback_path.exists():
-        from pipeline.train.launch import write_storage
-
-        uri = write_storage(recipe, stage, tracker.fallback_path.name, tracker.fallback_path.read_bytes())
+        uri = write_file(recipe, stage, tracker.fallback_path.name, tracker.fallback_path.read_bytes())
         logger.warning("undelivered metrics saved to %s; the driver replays them when MLflow is back", uri)
 
 

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load, load_file
 
 import revcol
+from pipeline import storage
 from pipeline.config import S3Config
-from pipeline.s3 import is_s3_url, make_client, split_s3_url
 from pipeline.train.engine import load_weights
 
 __all__ = ["load_init_weights", "read_weights"]
@@ -26,20 +26,19 @@ logger = logging.getLogger(__name__)
 
 def read_weights(uri: str, *, s3_cfg: S3Config | None = None) -> dict[str, torch.Tensor]:
     """Weights from a ``.safetensors`` file or an export folder (local or ``s3://``), or a released ``.pth``."""
-    if is_s3_url(uri):
-        bucket, key = split_s3_url(uri if uri.endswith(".safetensors") else f"{uri.rstrip('/')}/model.safetensors")
+    if uri.endswith(".safetensors") or storage.is_s3_url(uri) or Path(uri).is_dir():
+        url = uri if uri.endswith(".safetensors") else storage.join(uri, "model.safetensors")
         try:
-            body = make_client(s3_cfg).get_object(Bucket=bucket, Key=key)["Body"].read()
-        except Exception as err:  # noqa: BLE001 - botocore raises many kinds; name the object
+            if not storage.is_s3_url(url):
+                return load_file(url)  # memory-mapped: an 8 GiB RevCol-H export is not held twice
+            return load(storage.read_bytes(url, s3=s3_cfg))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"init weights {uri!r} not found ({url})") from None
+        except OSError as err:
             raise FileNotFoundError(f"init weights {uri!r} could not be read: {err}") from err
-        return load(body)
     path = Path(uri)
-    if path.is_dir():
-        path = path / "model.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"init weights {uri!r} not found")
-    if path.suffix == ".safetensors":
-        return load_file(path)
     return revcol.official_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 

@@ -1,0 +1,127 @@
+"""The control actor of a stream: the pass's epoch and consumed samples, the shard order, the skip counters."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from pipeline.data.stream.skips import skip_budget
+from pipeline.data.transforms import mix_seed
+
+__all__ = ["CONTROL_KEY", "StreamControl", "control_of", "skipped_counts"]
+
+logger = logging.getLogger(__name__)
+
+CONTROL_KEY = "revcol.stream_control"
+"""Key of the control actor's handle in the dataset's ``DataContext`` configs."""
+
+
+class StreamControl:
+    """Shared state of one stream (a Ray actor, zero CPUs): the current pass's epoch and consumed samples, the
+    per-epoch shard order, and the skip counters with their threshold."""
+
+    def __init__(self, info: dict[str, Any], *, epoch: int, consumed: dict[int, bytes]) -> None:
+        self._info = info
+        self._epoch = epoch
+        self._consumed = consumed
+        self._orders: dict[int, np.ndarray] = {}
+        self._by_kind: Counter[str] = Counter()
+        self._by_shard: dict[str, Counter[str]] = {}
+        self._per_epoch: Counter[int] = Counter()
+        self._shards_per_epoch: dict[int, dict[str, Counter[str]]] = {}
+        self._warned: set[str] = set()
+        self._fatal: str | None = None
+
+    def info(self) -> dict[str, Any]:
+        return {**self._info, "epoch": self._epoch}
+
+    def begin_pass(self, epoch: int, consumed: dict[int, bytes]) -> None:
+        self._epoch = int(epoch)
+        self._consumed = dict(consumed)
+
+    def plan(self, slot: int) -> tuple[int, int, bytes | None]:
+        """(epoch, shard index, packed consumed bits of that shard or None) for the shard read in ``slot``."""
+        epoch = self._epoch
+        if self._info["shuffle_shards"]:
+            order = self._orders.get(epoch)
+            if order is None:
+                rng = np.random.default_rng(mix_seed(self._info["seed"], epoch, 0x5A4D))
+                order = self._orders[epoch] = rng.permutation(len(self._info["shard_samples"]))
+                self._orders = {epoch: order}
+            shard = int(order[slot])
+        else:
+            shard = int(slot)
+        return epoch, shard, self._consumed.get(shard)
+
+    def report(self, epoch: int, shard_name: str, counts: dict[str, int], examples: dict[str, str]) -> str | None:
+        """Adds a shard's skip counts; returns the error message when the epoch is over its budget."""
+        for kind, count in counts.items():
+            if count <= 0:
+                continue
+            self._by_kind[kind] += count
+            self._by_shard.setdefault(shard_name, Counter())[kind] += count
+            self._shards_per_epoch.setdefault(epoch, {}).setdefault(shard_name, Counter())[kind] += count
+            self._per_epoch[epoch] += count
+            if kind not in self._warned:
+                self._warned.add(kind)
+                logger.warning(
+                    "%s stream: skipping samples: %s (first in %s: %s); further ones are only counted "
+                    "(see skipped_counts)", self._info["split"], kind, shard_name, examples.get(kind, "-"),
+                )
+        budget = skip_budget(self._info["total"], self._info["max_skipped_frac"])
+        if self._per_epoch[epoch] > budget and self._fatal is None:
+            shards = self._shards_per_epoch.get(epoch, {})
+            named = "; ".join(
+                f"{name}: " + ", ".join(f"{k} x{n}" for k, n in sorted(c.items()))
+                for name, c in sorted(shards.items(), key=lambda kv: -sum(kv[1].values()))[:20]
+            )
+            self._fatal = (
+                f"{self._info['split']} stream: {self._per_epoch[epoch]} of {self._info['total']} samples of epoch "
+                f"{epoch} skipped, more than data.max_skipped_frac={self._info['max_skipped_frac']} allows "
+                f"({budget}); bad shards: {named}"
+            )
+            logger.error("%s", self._fatal)
+        return self._fatal
+
+    def fatal(self) -> str | None:
+        return self._fatal
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "total": int(sum(self._by_kind.values())),
+            "by_kind": dict(sorted(self._by_kind.items())),
+            "by_shard": {k: dict(v) for k, v in sorted(self._by_shard.items())},
+            "by_epoch": {int(e): int(n) for e, n in sorted(self._per_epoch.items())},
+        }
+
+
+def control_of(source: Any) -> Any:
+    """The control actor of a stream: from a Dataset, a DataIterator (``get_dataset_shard``) or a split iterator."""
+    context = source.context if hasattr(source, "context") and not callable(source.context) else None
+    if context is None and hasattr(source, "get_context"):
+        context = source.get_context()
+    control = context.get_config(CONTROL_KEY) if context is not None else None
+    if control is None:
+        raise ValueError(
+            f"{type(source).__name__} is not a stream built by build_train_dataset/build_eval_dataset "
+            "(no control actor in its DataContext)"
+        )
+    return control
+
+
+def skipped_counts(source: Any) -> dict[str, Any]:
+    """Skip counters of a stream, for logging (``data/skipped``).
+
+    Args:
+        source: The dataset, or a worker's iterator of it (``ray.train.get_dataset_shard(...)``).
+
+    Returns:
+        ``{"total": int, "by_kind": {kind: n}, "by_shard": {shard name: {kind: n}}, "by_epoch": {epoch: n}}``,
+        counted over the whole run (a resumed pass counts its bad samples again).
+    """
+    import ray
+
+    return ray.get(control_of(source).stats.remote())

@@ -1,0 +1,260 @@
+"""Driver side: the Ray Data datasets of a stage's train and eval streams, and the ``DataConfig`` that splits them."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pipeline import storage
+from pipeline.config import DataConfig, S3Config
+from pipeline.data.stream.control import CONTROL_KEY, StreamControl
+from pipeline.data.stream.decode import TaskSpec, eval_task, train_task
+from pipeline.data.stream.position import StreamPosition, packed_bitmaps
+from pipeline.data.stream.shard_set import ShardSet, resolve_shards
+from pipeline.data.transforms import ImageConfig, resolve_image_config
+
+__all__ = ["build_eval_dataset", "build_train_dataset", "train_data_config"]
+
+logger = logging.getLogger(__name__)
+
+_BLOCK_BYTES = 8 * 1024 * 1024
+"""Target size of one emitted block of decoded rows."""
+_MAX_BLOCK_ROWS = 256
+_SAMPLES_PER_TASK = 1500
+"""Samples a decode task aims at, several seconds of decoding (see ``_slots_per_task``)."""
+
+
+def _rows_per_block(size: int) -> int:
+    return int(max(1, min(_MAX_BLOCK_ROWS, _BLOCK_BYTES // (3 * size * size))))
+
+
+def _task_resources(data_cpus: float) -> tuple[int, float]:
+    """(concurrent tasks, CPUs per task) for a CPU budget: whole CPUs per task, a fraction below one."""
+    if data_cpus <= 0:
+        raise ValueError(f"data_cpus must be > 0, got {data_cpus}")
+    tasks = max(1, math.ceil(data_cpus - 1e-9))
+    return tasks, data_cpus / tasks
+
+
+def _build(
+    *,
+    split: str,
+    spec: str | list[str] | None,
+    data_cfg: DataConfig,
+    model_name: str | None,
+    image_config: ImageConfig | None,
+    s3_cfg: S3Config | None,
+    data_cpus: float,
+    extra_info: dict[str, Any],
+    epoch: int,
+    consumed: dict[int, bytes],
+) -> tuple[Any, ShardSet, ImageConfig, TaskSpec, Any]:
+    import ray
+
+    if spec is None:
+        raise ValueError(f"data.{split} is not set")
+    image = resolve_image_config(data_cfg, model_name=model_name, image_config=image_config)
+    shard_set = resolve_shards(spec, s3_cfg=s3_cfg)
+    if not shard_set.shards:
+        raise ValueError(f"data.{split}: no shards in {spec!r}")
+    needs_s3 = any(s.url.startswith("s3://") for s in shard_set.shards)
+    task_spec = TaskSpec(
+        split=split,
+        urls=tuple(s.url for s in shard_set.shards),
+        names=tuple(s.name for s in shard_set.shards),
+        samples=tuple(s.samples for s in shard_set.shards),
+        num_classes=shard_set.num_classes,
+        seed=data_cfg.seed,
+        image=image,
+        data_cfg=data_cfg,
+        erase_prob=data_cfg.random_erasing,
+        rows_per_block=_rows_per_block(image.size),
+        s3_cfg=storage.resolve_s3_config(s3_cfg) if needs_s3 else None,
+    )
+    info = {
+        "split": split,
+        "dataset": shard_set.fingerprint,
+        "seed": data_cfg.seed,
+        "shard_samples": list(task_spec.samples),
+        "total": shard_set.num_samples,
+        "max_skipped_frac": data_cfg.max_skipped_frac,
+        "mean": list(image.mean),
+        "std": list(image.std),
+        "size": image.size,
+        **extra_info,
+    }
+    control = ray.remote(num_cpus=0, max_restarts=0)(StreamControl).remote(info, epoch=epoch, consumed=consumed)
+    return control, shard_set, image, task_spec, info
+
+
+def _slots_per_task(num_slots: int, samples_per_slot: float, tasks: int) -> int:
+    """Shards per decode task: enough samples that the ~0.2 s between one task and the next on a worker (Ray
+    Data's scheduling loop) stays small against the task's work, and still at least 4 tasks per concurrent task
+    slot, so the end of an epoch does not wait on one long task."""
+    wanted = math.ceil(_SAMPLES_PER_TASK / max(samples_per_slot, 1.0))
+    return max(1, min(wanted, num_slots // (4 * tasks)))
+
+
+def _finish_dataset(items: list[dict[str, int]], fn: Any, task_spec: TaskSpec, control: Any, *, data_cpus: float,
+                    deterministic: bool) -> Any:
+    import ray
+
+    tasks, cpus = _task_resources(data_cpus)
+    per_task = _slots_per_task(len(items), sum(task_spec.samples) / len(task_spec.samples), tasks)
+    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task)).map_batches(
+        fn,
+        batch_size=per_task,
+        fn_kwargs={"spec": task_spec, "control": control},
+        compute=ray.data.TaskPoolStrategy(size=tasks),
+        num_cpus=cpus,
+    )
+    ds.context.set_config(CONTROL_KEY, control)
+    ds.context.execution_options.preserve_order = deterministic
+    # Each emitted group of rows leaves the task as its own block right away (Ray would otherwise gather a whole
+    # shard into one block before anything reaches the trainers).
+    row_bytes = 3 * task_spec.image.size**2
+    ds.context.target_max_block_size = max(1 << 16, int(0.75 * row_bytes * task_spec.rows_per_block))
+    return ds
+
+
+def build_train_dataset(
+    data_cfg: DataConfig,
+    *,
+    model_name: str | None = None,
+    image_config: ImageConfig | None = None,
+    epoch: int = 0,
+    position: StreamPosition | Mapping[str, Any] | None = None,
+    s3_cfg: S3Config | None = None,
+    data_cpus: float = 1.0,
+) -> Any:
+    """Builds the training stream of ``data_cfg.train`` as a Ray Dataset (lazy; nothing is read yet).
+
+    Each pass over the dataset (each epoch) reads the shards in the order seeded by ``(seed, epoch)`` and skips the
+    samples the pass's position has consumed. :func:`iter_train_batches` sets epoch and position before every pass;
+    ``epoch`` and ``position`` here only give the first pass's when the dataset is iterated directly.
+
+    Rows: ``image`` uint8 ``(3, S, S)`` (cropped, flipped, RandAugmented), ``label`` int64, ``shard`` int32,
+    ``index`` int32, ``epoch`` int32, ``erase`` int16 ``(4,)`` (random-erasing box, applied by
+    :func:`iter_train_batches`).
+
+    Args:
+        data_cfg: The stage's ``data`` section (shards, seed, augmentation, image size, skip threshold).
+        model_name: A RevCol variant whose cfg gives the preprocessing (size, mean/std, interpolation).
+        image_config: Explicit preprocessing instead of ``model_name``.
+        epoch: First epoch.
+        position: Where the first pass starts (a merged checkpoint position); its epoch wins over ``epoch``.
+        s3_cfg: The recipe's ``s3`` section (unset fields from the AWS variables).
+        data_cpus: CPU budget of the decode tasks (``ScalingConfig.data_cpus``): ``ceil(data_cpus)`` concurrent
+            tasks sharing it.
+
+    Returns:
+        The ``ray.data.Dataset``; hand it to ``TorchTrainer(datasets={"train": ...})``.
+
+    Raises:
+        ValueError: ``data.train`` unset, bad arguments, a position of another dataset.
+        pipeline.storage.S3AccessError: S3 cannot be used.
+    """
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    start = StreamPosition(epoch=epoch)
+    if position is not None:
+        start = position if isinstance(position, StreamPosition) else StreamPosition.from_state_dict(position)
+    # The fingerprint is only known after resolving; bind and check below.
+    control, shard_set, image, task_spec, info = _build(
+        split="train", spec=data_cfg.train, data_cfg=data_cfg, model_name=model_name, image_config=image_config,
+        s3_cfg=s3_cfg, data_cpus=data_cpus,
+        extra_info={"shuffle_shards": True, "erase_prob": data_cfg.random_erasing,
+                    "shuffle_buffer": data_cfg.shuffle_buffer, "kind": "train"},
+        epoch=epoch, consumed={},
+    )
+    if position is not None:
+        import ray
+
+        start.bind(dataset=shard_set.fingerprint, seed=data_cfg.seed, shard_samples=task_spec.samples, epoch=epoch)
+        ray.get(control.begin_pass.remote(start.epoch, packed_bitmaps(start)))
+    items = [{"slot": i} for i in range(len(shard_set.shards))]
+    logger.info(
+        "train stream: %d shard(s), %d samples, %d px, %s decode task(s) x %.2f CPU",
+        len(shard_set.shards), shard_set.num_samples, image.size, *_task_resources(data_cpus),
+    )
+    return _finish_dataset(items, train_task, task_spec, control, data_cpus=data_cpus,
+                           deterministic=data_cfg.deterministic)
+
+
+def build_eval_dataset(
+    data_cfg: DataConfig,
+    *,
+    num_splits: int,
+    batch_size: int | None = None,
+    model_name: str | None = None,
+    image_config: ImageConfig | None = None,
+    s3_cfg: S3Config | None = None,
+    data_cpus: float = 1.0,
+) -> Any:
+    """Builds the eval stream of ``data_cfg.val``: every sample exactly once, in manifest order, plus padding.
+
+    The dataset holds one row per sample of the manifest (bad ones with ``valid=False``) and padding rows
+    (``valid=False``, ``shard=-1``) up to a multiple of ``num_splits * batch_size``, so an equal split gives every
+    rank the same number of full batches.
+
+    Rows: ``image`` uint8 ``(3, S, S)`` (resize + centre crop), ``label`` int64 (-1 when invalid), ``valid``
+    bool, ``shard`` int32, ``index`` int32.
+
+    Args:
+        data_cfg: The stage's ``data`` section.
+        num_splits: Number of consumers (Ray Train workers).
+        batch_size: Eval batch per worker (default ``data_cfg.batch_size``).
+        model_name: A RevCol variant whose cfg gives the preprocessing.
+        image_config: Explicit preprocessing instead of ``model_name``.
+        s3_cfg: The recipe's ``s3`` section.
+        data_cpus: CPU budget of the decode tasks.
+
+    Returns:
+        The ``ray.data.Dataset``.
+
+    Raises:
+        ValueError: ``data.val`` unset or bad arguments.
+        pipeline.storage.S3AccessError: S3 cannot be used.
+    """
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    batch = data_cfg.batch_size if batch_size is None else batch_size
+    if batch < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch}")
+    control, shard_set, image, task_spec, info = _build(
+        split="val", spec=data_cfg.val, data_cfg=data_cfg, model_name=model_name, image_config=image_config,
+        s3_cfg=s3_cfg, data_cpus=data_cpus,
+        extra_info={"shuffle_shards": False, "batch_size": batch, "num_splits": num_splits, "kind": "eval"},
+        epoch=0, consumed={},
+    )
+    pad = -shard_set.num_samples % (num_splits * batch)
+    items = [{"slot": i} for i in range(len(shard_set.shards))] + ([{"slot": -pad}] if pad else [])
+    logger.info("eval stream: %d shard(s), %d samples + %d padding rows, %d split(s) x %d", len(shard_set.shards),
+                shard_set.num_samples, pad, num_splits, batch)
+    return _finish_dataset(items, eval_task, task_spec, control, data_cpus=data_cpus, deterministic=True)
+
+
+def train_data_config(datasets: Mapping[str, Any]) -> Any:
+    """The ``ray.train.DataConfig`` for these streams: every one split across the workers, each keeping its own
+    ordering setting (Ray Train otherwise replaces a dataset's execution options with the driver's defaults, which
+    drops ``preserve_order`` and with it the reproducible order).
+
+    Args:
+        datasets: The ``datasets`` given to ``TorchTrainer`` (streams of this module; others keep the defaults).
+
+    Returns:
+        A ``ray.train.DataConfig``.
+    """
+    import copy
+
+    import ray.data
+    import ray.train
+
+    options = {}
+    for name, ds in datasets.items():
+        opts = copy.deepcopy(ray.data.DataContext.get_current().execution_options)  # Train's defaults
+        opts.preserve_order = bool(ds.context.execution_options.preserve_order)
+        options[name] = opts
+    return ray.train.DataConfig(datasets_to_split="all", execution_options=options)
