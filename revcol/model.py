@@ -9,6 +9,9 @@ A RevCol is a stem (4×4 patchify) followed by ``num_subnet`` columns. Each colu
 (strides 4, 8, 16, 32) whose level ``l`` fuses the level below of the same column (downsampled) with the level
 above of the previous column (upsampled), and adds ``alpha_l`` times its own previous state. RevCol-H has one
 more branch into level 0, from the top level of the previous column.
+
+One file per architecture (timm's convention), read top to bottom: blocks, the model, weight init, the cfg table
+and the registered variants; keeping them together makes it run past 600 lines.
 """
 
 from __future__ import annotations
