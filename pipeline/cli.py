@@ -7,18 +7,15 @@ Exit status: 0 success, 1 the work failed (e.g. bad shards), 2 bad input (usage,
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from typing import Any
 
+from pipeline.output import print_json
+
 __all__ = ["main"]
 
 logger = logging.getLogger("pipeline")
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, sort_keys=True, default=str))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -27,7 +24,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = run_demo(workdir=args.workdir, overrides=args.set, seed=args.seed, progress=not args.json,
                       services=args.services)
     if args.json:
-        _print_json(result)
+        print_json(result)
     return 0
 
 
@@ -47,7 +44,7 @@ def _cmd_shards_write(args: argparse.Namespace) -> int:
         split_seed=args.split_seed,
     )
     if args.json:
-        _print_json(
+        print_json(
             {
                 "dest": args.dest,
                 "shards": len(manifest["shards"]),
@@ -65,7 +62,7 @@ def _cmd_shards_verify(args: argparse.Namespace) -> int:
 
     report = verify_shards(args.dest, progress=not args.json)
     if args.json:
-        _print_json(report)
+        print_json(report)
     else:
         for name, problem in sorted(report["bad_shards"].items()):
             print(f"BAD {name}: {problem}", file=sys.stderr)
@@ -86,7 +83,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         plan = plan_pipeline(recipe, stages=wanted)
         if args.json:
-            _print_json({**plan, "valid": True})
+            print_json({**plan, "valid": True})
         else:
             print(f"recipe {recipe.name!r} is valid; storage {recipe.storage_path}; tracking {recipe.tracking.uri}")
             for st in plan["stages"]:
@@ -101,8 +98,61 @@ def _cmd_run(args: argparse.Namespace) -> int:
         top1 = o.metrics.get("val/top1")
         print(f"{o.stage:<12} {o.status:<9} run {o.run_id}  top-1 {'-' if top1 is None else f'{top1:.4f}'}")
     if args.json:
-        _print_json({"recipe": recipe.name, "stages": {o.stage: asdict(o) for o in outcomes}})
+        print_json({"recipe": recipe.name, "stages": {o.stage: asdict(o) for o in outcomes}})
     return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """``revcol plan``: exit status 0 when every planned stage fits, 1 (reason on stderr) when one does not."""
+    from pipeline.config import load_recipe
+    from pipeline.plan import ClusterShape, format_plan, plan_recipe  # torch: only when planning
+
+    recipe = load_recipe(args.recipe, args.set)
+    cluster = ClusterShape.from_recipe(
+        recipe, workers=args.workers, gpu_mem_gib=args.gpu_mem, host_mem_gib=args.cpu_mem, cpus_per_worker=args.cpus
+    )
+    if args.stage is not None and args.stage not in [s.name for s in recipe.stages]:
+        raise ValueError(f"--stage: no stage {args.stage!r}; recipe has {[s.name for s in recipe.stages]}")
+    plan = plan_recipe(recipe, cluster, stage=args.stage)
+    if not plan.fits:
+        print(f"revcol plan: {plan.refusal()}", file=sys.stderr)
+    if args.json:
+        print_json(plan.to_dict())
+    else:
+        print(format_plan(plan))
+    return 0 if plan.fits else 1
+
+
+def _add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds ``revcol plan`` to the CLI's subcommands (here, so that ``--help`` does not import torch).
+
+    Args:
+        subparsers: the ``add_subparsers()`` object of the ``revcol`` parser.
+
+    Returns:
+        The new parser (its ``func`` is set).
+    """
+    p = subparsers.add_parser(
+        "plan",
+        help="per-worker memory and step cost of each stage; exit 1 when it cannot fit",
+        description="per-worker memory and step cost of each stage of a recipe on a cluster shape, before launching",
+    )
+    p.add_argument("recipe", help="recipe YAML (see jobs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--workers", type=int, default=None, help="workers (default: scaling.num_workers)")
+    p.add_argument(
+        "--gpu-mem", type=float, default=None, metavar="GiB",
+        help="GPU memory per worker (default: scaling.gpu_memory_gb, else 80)",
+    )
+    p.add_argument(
+        "--cpu-mem", type=float, default=None, metavar="GiB",
+        help="host memory per worker (default: scaling.memory_per_worker_gb; unchecked without)",
+    )
+    p.add_argument("--cpus", type=float, default=None, metavar="N", help="CPU cores per worker (default: not checked)")
+    p.add_argument("--stage", default=None, metavar="NAME", help="plan only this stage")
+    p.add_argument("--json", action="store_true", help="print one JSON object last")
+    p.set_defaults(func=_cmd_plan)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,13 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     # `add_parser(subparsers)` which adds its parser and sets `func`. One line per module, in this block.
     # --- module subcommands ---
     from pipeline import compare; compare.add_parser(sub)  # noqa: E702
-    from pipeline import plan; plan.add_parser(sub)  # noqa: E702
+    _add_plan_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import RecipeError
-    from pipeline.s3 import S3AccessError
+    from pipeline.storage import S3AccessError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(

@@ -1,0 +1,48 @@
+"""`revcol compare`: compare MLflow runs side by side (differing params, final/best metrics, PNG curves).
+
+What is compared ("subjects"):
+
+* a *pipeline*: a parent run with child runs (one per stage, tag ``revcol.stage``, MLflow's
+  ``mlflow.parentRunId``). Its stages are laid end to end on one step axis, in start-time order: the first stage's
+  steps as logged, the next stage's steps shifted by the previous stage's last step, and so on. A stage's last step
+  is the highest step of any metric it logged. Its params are the parent's, plus stage-only keys from the children
+  (first stage wins). Metrics logged on the parent run itself are not used.
+* a *run*: any run without child runs, its steps as logged.
+
+Selection (combined as a union, in this order, duplicates dropped):
+
+* ``--experiment NAME``: the experiment's top-level runs (pipelines and standalone runs);
+* ``--parent RUN_ID``: the parent's child runs, each compared on its own;
+* ``RUN_ID ...``: these runs (a parent run becomes a pipeline);
+* ``--stage NAME`` narrows experiment/parent selections to runs whose ``revcol.stage`` tag is NAME.
+
+Final and best values. Final is the value at the highest (laid-out) step. Best follows one rule,
+:func:`metric_direction`, on the metric's last path component: names starting with ``top1``/``top5``/``acc`` and
+``samples_per_s`` are maximized; names containing ``loss`` and ``stall_frac`` are minimized; everything else
+(``lr``, ``grad_norm``, counters) has no best. NaN values never count as best.
+
+Only stdlib is imported at module level: ``revcol --help`` must not pay for importing MLflow or matplotlib.
+"""
+
+from pipeline.compare.command import add_parser
+from pipeline.compare.plots import plot_metric
+from pipeline.compare.report import compare_runs, format_table
+from pipeline.compare.selection import load_subjects, select_runs
+from pipeline.compare.subjects import DEFAULT_METRICS, CompareError, Comparison, Subject, metric_direction
+from pipeline.compare.summary import differing_params, summarize_metrics
+
+__all__ = [
+    "DEFAULT_METRICS",
+    "Comparison",
+    "CompareError",
+    "Subject",
+    "add_parser",
+    "compare_runs",
+    "differing_params",
+    "format_table",
+    "load_subjects",
+    "metric_direction",
+    "plot_metric",
+    "select_runs",
+    "summarize_metrics",
+]
