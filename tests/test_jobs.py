@@ -225,7 +225,7 @@ def test_demo_services_runs_against_local_s3_and_mlflow(
     import os
 
     from pipeline import demo, stages
-    from pipeline.s3 import make_client, resolve_s3_config
+    from pipeline.storage import make_client, resolve_s3_config
 
     for key in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE"):
         monkeypatch.delenv(key, raising=False)
