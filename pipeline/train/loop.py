@@ -196,8 +196,9 @@ def train_func(config: dict[str, Any]) -> None:
     position = StreamPosition()
     checkpoint = ray.train.get_checkpoint()
     found = None
+    resume_copy = Path(tempfile.mkdtemp(prefix="revcol-resume-"))  # a remote checkpoint's local copy
     if checkpoint is None:
-        found = latest_checkpoint(recipe, stage, into=Path(tempfile.mkdtemp(prefix="revcol-resume-")))
+        found = latest_checkpoint(recipe, stage, into=resume_copy)
     if checkpoint is not None or found is not None:
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
@@ -209,6 +210,7 @@ def train_func(config: dict[str, Any]) -> None:
             position = StreamPosition.from_state_dict(state.stream)
         logger.info("rank %d resumed at step %d (epoch %d, %d samples of it consumed)", rank, state.step,
                     state.epoch, position.num_consumed)
+    shutil.rmtree(resume_copy, ignore_errors=True)
     scheduler.step_update(state.step)
 
     scratch = Path(tempfile.mkdtemp(prefix="revcol-fallback-"))
@@ -289,6 +291,7 @@ def train_func(config: dict[str, Any]) -> None:
     if not tracker.close() and tracker.fallback_path.exists():
         uri = write_file(recipe, stage, tracker.fallback_path.name, tracker.fallback_path.read_bytes())
         logger.warning("undelivered metrics saved to %s; the driver replays them when MLflow is back", uri)
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _remove_offload_files(stage: StageConfig, rank: int) -> None:
