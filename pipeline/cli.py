@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
 
 from pipeline.output import print_json
 
@@ -102,59 +101,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_plan(args: argparse.Namespace) -> int:
-    """``revcol plan``: exit status 0 when every planned stage fits, 1 (reason on stderr) when one does not."""
-    from pipeline.config import load_recipe
-    from pipeline.plan import ClusterShape, format_plan, plan_recipe  # torch: only when planning
-
-    recipe = load_recipe(args.recipe, args.set)
-    cluster = ClusterShape.from_recipe(
-        recipe, workers=args.workers, gpu_mem_gib=args.gpu_mem, host_mem_gib=args.cpu_mem, cpus_per_worker=args.cpus
-    )
-    if args.stage is not None and args.stage not in [s.name for s in recipe.stages]:
-        raise ValueError(f"--stage: no stage {args.stage!r}; recipe has {[s.name for s in recipe.stages]}")
-    plan = plan_recipe(recipe, cluster, stage=args.stage)
-    if not plan.fits:
-        print(f"revcol plan: {plan.refusal()}", file=sys.stderr)
-    if args.json:
-        print_json(plan.to_dict())
-    else:
-        print(format_plan(plan))
-    return 0 if plan.fits else 1
-
-
-def _add_plan_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Adds ``revcol plan`` to the CLI's subcommands (here, so that ``--help`` does not import torch).
-
-    Args:
-        subparsers: the ``add_subparsers()`` object of the ``revcol`` parser.
-
-    Returns:
-        The new parser (its ``func`` is set).
-    """
-    p = subparsers.add_parser(
-        "plan",
-        help="per-worker memory and step cost of each stage; exit 1 when it cannot fit",
-        description="per-worker memory and step cost of each stage of a recipe on a cluster shape, before launching",
-    )
-    p.add_argument("recipe", help="recipe YAML (see jobs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
-    p.add_argument("--workers", type=int, default=None, help="workers (default: scaling.num_workers)")
-    p.add_argument(
-        "--gpu-mem", type=float, default=None, metavar="GiB",
-        help="GPU memory per worker (default: scaling.gpu_memory_gb, else 80)",
-    )
-    p.add_argument(
-        "--cpu-mem", type=float, default=None, metavar="GiB",
-        help="host memory per worker (default: scaling.memory_per_worker_gb; unchecked without)",
-    )
-    p.add_argument("--cpus", type=float, default=None, metavar="N", help="CPU cores per worker (default: not checked)")
-    p.add_argument("--stage", default=None, metavar="NAME", help="plan only this stage")
-    p.add_argument("--json", action="store_true", help="print one JSON object last")
-    p.set_defaults(func=_cmd_plan)
-    return p
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="revcol", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -204,15 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     # `add_parser(subparsers)` which adds its parser and sets `func`. One line per module, in this block.
     # --- module subcommands ---
     from pipeline import compare; compare.add_parser(sub)  # noqa: E702
-    _add_plan_parser(sub)
+    from pipeline import plan; plan.add_parser(sub)  # noqa: E702
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # --help and usage errors exit here, before any import below
+
     from pipeline.config import RecipeError
     from pipeline.storage import S3AccessError
 
-    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -16,9 +16,11 @@
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -54,6 +56,19 @@ def _stage(name: str = "revcol_test", *, size: int = 64, batch: int = 4, intersu
 
 def _item(plan, prefix: str) -> int:
     return sum(i.bytes for i in plan.items if i.name.startswith(prefix) and "persistent" in i.phases)
+
+
+def test_every_public_name_resolves_to_its_definition() -> None:
+    """``pipeline.plan`` re-exports lazily; no submodule shadows a re-exported name once imported."""
+    import pipeline.plan as plan
+
+    for module in ("clusters", "stats", "trace", "ledger", "result", "verdict", "planner", "report", "command"):
+        importlib.import_module(f"pipeline.plan.{module}")
+    for name in plan.__all__:
+        value = getattr(plan, name)
+        assert not isinstance(value, types.ModuleType) and value.__module__.startswith("pipeline.plan."), name
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        plan.nothing  # noqa: B018
 
 
 # --------------------------------------------------------------------------------------------- model states
@@ -206,7 +221,7 @@ def test_doubling_the_micro_batch_doubles_activations() -> None:
 
 @pytest.mark.parametrize("intersup", [False, True])
 def test_columns_beyond_the_third_change_no_traced_byte(intersup: bool) -> None:
-    from pipeline.plan import _trace_cached
+    from pipeline.plan.trace import _trace_cached
 
     args = dict(name="revcol_test", num_classes=10, intersup=intersup, reversible=True, drop_path_rate=0.2,
                 overrides=json.dumps({"num_subnet": 8}), image_size=64, micro_batch=2, train=True, soft_targets=False)

@@ -6,7 +6,7 @@ lives* (``gpu``, ``host`` or ``nvme``: the tier) and *when* (``persistent``, or 
 ``sum(persistent) + max over phases of sum(phase items)``. A stage fits when the GPU peak, plus a runtime reserve
 (CUDA context, cuBLAS/NCCL workspaces) and a fragmentation headroom on the dynamic part, is within the GPU memory
 per worker, and the host peak within the host memory per worker (when one is known). Offload (ZeRO-Offload /
-ZeRO-Infinity) is a matter of which tier an item is placed on: see :func:`_place`.
+ZeRO-Infinity) is a matter of which tier an item is placed on: see :func:`pipeline.plan.ledger._place`.
 
 Where the numbers come from:
 
@@ -28,7 +28,7 @@ Where the numbers come from:
 * **Activations** are *analytic, from the model itself*: one training step (forward with the reversible columns,
   the stage's loss, reversible backward) is run on fake tensors (``FakeTensorMode``: meta storage, no memory,
   no compute) at the stage's resolution and micro-batch, and the bytes of live tensor storages are tracked after
-  every aten op (:class:`_LiveBytes`). That gives the memory kept for backward (live bytes after the loss — what
+  every aten op (:class:`pipeline.plan.trace._LiveBytes`). That gives the memory kept for backward (live bytes after the loss — what
   ``revcol.measure.memory_kept_for_backward`` measures on a real CPU run; tests compare the two), the forward peak,
   and the backward peak (kept + one column's level-by-level recompute working set + gradients in flight). The
   trace runs in fp32; under bf16/fp16 autocast the GPU keeps many of these tensors in 16 bits, so for those
@@ -41,15 +41,36 @@ Where the numbers come from:
 Traces and model statistics are cached in-process per (model, classes, resolution, micro-batch, ...), so planning
 suggestions and several recipes sharing a model costs one trace each.
 
-Modules: ``shapes`` (the data model), ``model_stats`` (parameter counts and the activation trace), ``ledger``
-(memory per ZeRO stage), ``verdict`` (plan, check, suggest), ``report`` (the text report). The command line is
-in :mod:`pipeline.cli`, which imports this package (and torch) only when ``revcol plan`` runs.
+Modules, in the order a plan is made:
+
+* ``clusters``: :class:`ClusterShape`, the cluster a recipe is planned for (from the recipe's ``scaling``);
+* ``stats``: exact parameter statistics of a stage's model, built on the ``meta`` device;
+* ``trace``: the activation trace (one step on fake tensors: live bytes op by op, forward FLOPs);
+* ``ledger``: the memory items of a worker per ZeRO stage and offload setting (what lives where, when);
+* ``result``: :class:`StagePlan` and :class:`Plan` (peaks per tier, required bytes, JSON);
+* ``verdict``: whether a stage fits (GPU, host memory, CPUs) and the single changes that would make it fit;
+* ``planner``: :func:`plan_stage` and :func:`plan_recipe`, which put the above together;
+* ``report``: :func:`format_plan`, the text report;
+* ``command``: ``revcol plan`` (its parser and command function).
+
+Names are re-exported here lazily (PEP 562): ``import pipeline.plan`` and ``pipeline.plan.command`` (what the CLI
+imports to build its parser) load no torch; the first use of a planning name imports its module.
 """
 
-from pipeline.plan.model_stats import _trace_cached, activation_trace, model_stats  # noqa: F401 - _trace_cached for tests
-from pipeline.plan.report import format_plan
-from pipeline.plan.shapes import ActivationTrace, ClusterShape, MemoryItem, ModelStats, Plan, StagePlan
-from pipeline.plan.verdict import plan_recipe, plan_stage
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.plan.clusters import ClusterShape
+    from pipeline.plan.command import add_parser
+    from pipeline.plan.ledger import MemoryItem
+    from pipeline.plan.planner import plan_recipe, plan_stage
+    from pipeline.plan.report import format_plan
+    from pipeline.plan.result import Plan, StagePlan
+    from pipeline.plan.stats import ModelStats, model_stats
+    from pipeline.plan.trace import ActivationTrace, activation_trace
 
 __all__ = [
     "ActivationTrace",
@@ -59,8 +80,38 @@ __all__ = [
     "Plan",
     "StagePlan",
     "activation_trace",
+    "add_parser",
     "format_plan",
     "model_stats",
     "plan_recipe",
     "plan_stage",
 ]
+
+_MODULE_OF = {
+    "ActivationTrace": "trace",
+    "ClusterShape": "clusters",
+    "MemoryItem": "ledger",
+    "ModelStats": "stats",
+    "Plan": "result",
+    "StagePlan": "result",
+    "activation_trace": "trace",
+    "add_parser": "command",
+    "format_plan": "report",
+    "model_stats": "stats",
+    "plan_recipe": "planner",
+    "plan_stage": "planner",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Imports the module that defines ``name`` on first use (see the module docstring)."""
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

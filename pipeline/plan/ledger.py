@@ -1,17 +1,78 @@
-"""The memory ledger: what each ZeRO stage keeps where (GPU, host, NVMe) for weights, gradients, optimizer state, activations and DeepSpeed's buffers."""
+"""The memory ledger of one worker: every :class:`MemoryItem` (weights, gradients, master weights, AdamW state, EMA,
+DeepSpeed's buckets and swap buffers, activations, host-side copies) with its bytes, its tier (``gpu``, ``host``,
+``nvme``) and the step phases it is alive in, per ZeRO stage and offload setting of this engine (fp32 weights under
+torch autocast, see ``pipeline/train/engine.py``). DeepSpeed's own estimate is here too, for comparison."""
 
 from __future__ import annotations
 
-
-import logging
 import math
-from typing import Any
-
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from pipeline.config import DeepSpeedConfig, StageConfig
-from pipeline.plan.shapes import ActivationTrace, ClusterShape, MemoryItem, ModelStats, Tier, _ADAM, _DS_DEFAULTS, _FP32, _MIN_SWAP_BYTES, _PREFETCH_BATCHES, _ZERO0_ALLREDUCE_ELEMENTS
+from pipeline.plan.clusters import ClusterShape
+from pipeline.plan.stats import ModelStats
+from pipeline.plan.trace import ActivationTrace
 
-logger = logging.getLogger(__name__)
+GiB = 2**30
+Tier = Literal["gpu", "host", "nvme"]
+PHASES: tuple[str, ...] = ("init", "forward", "backward", "grad_reduce", "optimizer_step", "checkpoint")
+"""Step phases; an item is alive in some of them, or ``persistent`` (the whole run)."""
+
+# Engine constants (fp32 weights + torch autocast, see pipeline/train/engine.py).
+_FP32 = 4
+_ADAM = 8  # exp_avg + exp_avg_sq, fp32
+# DeepSpeed defaults (deepspeed/runtime/zero/config.py and offload_config.py) for what the generated config
+# (pipeline.train.engine.deepspeed_config) leaves unset.
+_DS_DEFAULTS = {
+    "reduce_bucket_size": 500_000_000,
+    "contiguous_gradients": True,
+    "stage3_prefetch_bucket_size": 50_000_000,
+    "stage3_max_live_parameters": 1_000_000_000,
+    "stage3_param_persistence_threshold": 100_000,
+    "sub_group_size": 1_000_000_000,
+    "offload_optimizer.buffer_count": 4,
+    "offload_param.buffer_count": 5,
+    "offload_param.buffer_size": 100_000_000,
+}
+_MIN_SWAP_BYTES = 2**20  # deepspeed/runtime/swap_tensor/constants.py MIN_AIO_BYTES: smaller tensors stay in memory
+_ZERO0_ALLREDUCE_ELEMENTS = 500_000_000  # engine.buffered_allreduce_fallback(elements_per_buffer=5e8)
+_PREFETCH_BATCHES = 4  # input batches held by the Ray Data iterator and the step (decoded fp32 images)
+
+
+@dataclass(frozen=True)
+class MemoryItem:
+    """One allocation of a worker: what, how many bytes, where it lives, when it is alive, how it is known.
+
+    Attributes:
+        name: what it is (``"AdamW state (exp_avg, exp_avg_sq), 1/8"``).
+        bytes: size in bytes.
+        tier: where it lives: ``gpu``, ``host`` or ``nvme``.
+        phases: ``("persistent",)`` for the whole run, else the step phases during which it is alive.
+        source: ``computed`` (from exact parameter counts and the engine's layout), ``traced`` (activation trace)
+            or ``assumed`` (a documented constant).
+        kind: what sort of state it is, which decides its tier under offload (:func:`_place`): ``parameters``,
+            ``persistent_parameters``, ``gradients``, ``master``, ``optimizer``, ``optimizer_step``, ``ema``,
+            ``buffer``, ``activations``, ``init``, ``checkpoint``, ``runtime``.
+    """
+
+    name: str
+    bytes: int
+    tier: Tier
+    phases: tuple[str, ...] = ("persistent",)
+    source: str = "computed"
+    kind: str = "other"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "bytes": int(self.bytes),
+            "gib": round(self.bytes / GiB, 3),
+            "tier": self.tier,
+            "phases": list(self.phases),
+            "source": self.source,
+        }
 
 
 def _zero_option(ds: DeepSpeedConfig, key: str, *, largest_param: int = 0) -> Any:

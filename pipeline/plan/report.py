@@ -1,14 +1,11 @@
-"""The text report of a plan (``revcol plan`` without ``--json``)."""
+"""The text report of a plan (what ``revcol plan`` prints without ``--json``): per stage, every memory item by tier
+with its phases, the peaks against the budget, FLOPs, notes, and the verdict with suggestions."""
 
 from __future__ import annotations
 
-
-import logging
-
-
-from pipeline.plan.shapes import ACTIVATION_METHOD, GiB, Plan, _as_cli
-
-logger = logging.getLogger(__name__)
+from pipeline.plan.ledger import GiB
+from pipeline.plan.result import Plan, _as_cli
+from pipeline.plan.trace import ACTIVATION_METHOD
 
 
 def _gib(n: int | None) -> str:

@@ -1,97 +1,70 @@
-"""Model statistics and the activation trace: parameter counts from the built model, live activation bytes tracked op by op through one training step on fake tensors."""
+"""The activation trace: one step of a stage's model on fake tensors (no memory, no compute), the bytes of live
+tensor storages tracked op by op (:class:`_LiveBytes`), and the forward FLOPs (:class:`ActivationTrace`).
+
+Activation memory of the reversible model does not depend on the number of columns, so the trace leaves out
+columns beyond the third (fourth with intermediate supervision) and adds their FLOPs; see :func:`_trace_cached`.
+"""
 
 from __future__ import annotations
 
-
+import dataclasses
 import functools
 import json
 import logging
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from pipeline.config import OptimConfig, StageConfig
-from pipeline.plan.shapes import ActivationTrace, ModelStats
+from pipeline.config import StageConfig
+from pipeline.plan.stats import _build, _model_kwargs
 
 logger = logging.getLogger(__name__)
 
-
-def _model_kwargs(stage: StageConfig) -> dict[str, Any]:
-    mc = stage.model
-    return {
-        "name": mc.name,
-        "num_classes": mc.num_classes or 1000,
-        "intersup": mc.intersup,
-        "reversible": mc.reversible,
-        "drop_path_rate": mc.drop_path_rate,
-        "overrides": json.dumps(mc.overrides, sort_keys=True),
-    }
+ACTIVATION_METHOD = (
+    "analytic: live tensor-storage bytes tracked op by op through one fp32 training step (forward, loss, "
+    "reversible backward) of the stage's model on fake tensors at the stage's resolution and micro-batch; "
+    "upper bound under bf16/fp16 autocast; autocast weight-cast cache added analytically"
+)
 
 
-def _build(
-    name: str, num_classes: int, intersup: bool, reversible: bool, drop_path_rate: float, overrides: str
-) -> nn.Module:
-    import revcol
+@dataclass(frozen=True)
+class ActivationTrace:
+    """Activation memory and FLOPs of one step, traced (see :func:`activation_trace`).
 
-    return revcol.create_model(
-        name,
-        num_classes=num_classes,
-        intersup=intersup,
-        reversible=reversible,
-        drop_path_rate=drop_path_rate,
-        **json.loads(overrides),
-    )
-
-
-@functools.lru_cache(maxsize=32)
-def _model_stats_cached(
-    name: str, num_classes: int, intersup: bool, reversible: bool, drop_path_rate: float, overrides: str
-) -> ModelStats:
-    from pipeline.train.optim import param_groups
-
-    with torch.device("meta"):
-        model = _build(name, num_classes, intersup, reversible, drop_path_rate, overrides)
-
-    def cast(module: nn.Module) -> int:
-        return sum(
-            p.numel()
-            for m in module.modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d))
-            for p in m.parameters(recurse=False)
-        )
-
-    groups = []
-    for layer_decay in (None, 0.9):
-        sizes = [sum(p.numel() for p in g["params"]) for g in param_groups(model, OptimConfig(layer_decay=layer_decay))]
-        groups.append(max(sizes))
-    columns = model.columns() if hasattr(model, "columns") else [model]
-    numels = tuple(p.numel() for p in model.parameters())
-    return ModelStats(
-        name=name,
-        params=sum(numels),
-        param_numels=numels,
-        cast_params=cast(model),
-        column_cast_params=max(cast(c) for c in columns),
-        largest_layer_params=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
-        largest_group_params=(groups[0], groups[1]),
-    )
-
-
-def model_stats(stage: StageConfig) -> ModelStats:
-    """Exact parameter statistics of a stage's model, built on the ``meta`` device (cached in-process).
-
-    Args:
-        stage: the stage (its ``model`` section; ``num_classes`` None counts as 1000).
-
-    Returns:
-        The statistics.
+    Attributes:
+        kept_bytes: live bytes after the forward and loss (memory kept for backward).
+        forward_peak_bytes: most live bytes during forward and loss.
+        backward_peak_bytes: most live bytes during the whole step (for training: inside backward).
+        forward_flops: forward FLOPs of the micro-batch (FlopCounterMode).
+        micro_batch: the traced micro-batch.
+        image_size: the traced resolution.
+        train: a training step (forward + backward) rather than inference.
     """
-    return _model_stats_cached(**_model_kwargs(stage))
+
+    kept_bytes: int
+    forward_peak_bytes: int
+    backward_peak_bytes: int
+    forward_flops: int
+    micro_batch: int
+    image_size: int
+    train: bool
+
+    def scaled(self, micro_batch: int) -> ActivationTrace:
+        """This trace at another micro-batch: every activation tensor carries the batch dimension."""
+        f = micro_batch / self.micro_batch
+        return dataclasses.replace(
+            self,
+            kept_bytes=round(self.kept_bytes * f),
+            forward_peak_bytes=round(self.forward_peak_bytes * f),
+            backward_peak_bytes=round(self.backward_peak_bytes * f),
+            forward_flops=round(self.forward_flops * f),
+            micro_batch=micro_batch,
+        )
 
 
 class _LiveBytes(TorchDispatchMode):
