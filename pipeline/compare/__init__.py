@@ -21,15 +21,23 @@ Final and best values. Final is the value at the highest (laid-out) step. Best f
 ``samples_per_s`` are maximized; names containing ``loss`` and ``stall_frac`` are minimized; everything else
 (``lr``, ``grad_norm``, counters) has no best. NaN values never count as best.
 
-Only stdlib is imported at module level: ``revcol --help`` must not pay for importing MLflow or matplotlib.
+Only stdlib is imported at module level, in every module of the package: ``revcol --help`` must not pay for
+importing MLflow or matplotlib.
+
+Modules: ``selection`` (finding the runs in MLflow, reading their params and metric histories into
+``subjects``), ``summary`` (differing params, final and best values, the direction rule), ``plots`` (PNG
+curves), ``comparison`` (:func:`compare_runs`, the whole comparison), ``table`` (the text table), ``command``
+(``revcol compare``).
+
 """
 
 from pipeline.compare.command import add_parser
+from pipeline.compare.comparison import DEFAULT_METRICS, Comparison, compare_runs
 from pipeline.compare.plots import plot_metric
-from pipeline.compare.report import compare_runs, format_table
-from pipeline.compare.selection import load_subjects, select_runs
-from pipeline.compare.subjects import DEFAULT_METRICS, CompareError, Comparison, Subject, metric_direction
-from pipeline.compare.summary import differing_params, summarize_metrics
+from pipeline.compare.selection import CompareError, load_subjects, select_runs
+from pipeline.compare.subjects import Subject
+from pipeline.compare.summary import differing_params, metric_direction, summarize_metrics
+from pipeline.compare.table import format_table
 
 __all__ = [
     "DEFAULT_METRICS",

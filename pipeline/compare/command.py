@@ -1,17 +1,15 @@
-"""``revcol compare``: the command line."""
+"""``revcol compare``: its parser and command function (MLflow is imported when the command runs)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from collections.abc import Iterable
 
+from pipeline.compare.comparison import DEFAULT_METRICS, compare_runs
+from pipeline.compare.selection import CompareError
+from pipeline.compare.table import format_table
 
-from pipeline.compare.report import compare_runs, format_table
-from pipeline.compare.subjects import CompareError, DEFAULT_METRICS
-
-logger = logging.getLogger(__name__)
 
 def _split_csv(values: Iterable[str]) -> list[str]:
     return [part.strip() for value in values for part in value.split(",") if part.strip()]

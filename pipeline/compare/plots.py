@@ -1,19 +1,23 @@
-"""PNG curves of one metric across the compared runs."""
+"""PNG curves: one figure per metric, one line per subject (pipelines' stages end to end). matplotlib is imported
+when a figure is drawn."""
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline.compare.subjects import Subject
+from pipeline.compare.summary import metric_direction
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-from pipeline.compare.subjects import Subject, _FIG_DPI, _FIG_SIZE_IN, _MARKERS_UP_TO, metric_direction
+_FIG_SIZE_IN = (8.0, 4.5)
+_FIG_DPI = 100
+_MARKERS_UP_TO = 60
 
-logger = logging.getLogger(__name__)
 
 def plot_metric(subjects: Sequence[Subject], metric: str, *, path: str | Path | None = None) -> Figure:
     """One figure of ``metric`` over steps: one line per subject that logged it (pipelines end to end).

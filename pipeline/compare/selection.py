@@ -1,4 +1,5 @@
-"""Finding the runs to compare in MLflow (by id, experiment, pipeline) and loading their params and metric histories."""
+"""Finding the runs to compare in MLflow (by experiment, parent run or run id, narrowed by stage) and reading their
+params and metric histories into :class:`~pipeline.compare.subjects.Subject` objects."""
 
 from __future__ import annotations
 
@@ -6,13 +7,18 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from pipeline.compare.subjects import PARENT_TAG, STAGE_TAG, StagePart, Subject
+
 if TYPE_CHECKING:
     from mlflow.entities import Run
     from mlflow.tracking import MlflowClient
 
-from pipeline.compare.subjects import CompareError, PARENT_TAG, STAGE_TAG, StagePart, Subject
-
 logger = logging.getLogger(__name__)
+
+
+class CompareError(ValueError):
+    """Bad selection or request (unknown experiment / run id, nothing matched, metric nowhere); names the value."""
+
 
 def _is_missing(err: Exception) -> bool:
     from mlflow.exceptions import MlflowException

@@ -1,16 +1,42 @@
-"""Summaries of a comparison: the params that differ, and each metric's final and best value per run."""
+"""Summaries of the compared subjects: the params that differ, and each metric's final and best value, best by one
+rule (:func:`metric_direction`)."""
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
+
+from pipeline.compare.subjects import Subject
+
+Direction = Literal["max", "min"]
+
+_MAXIMIZE_PREFIXES = ("top1", "top5", "acc")
+_MAXIMIZE_NAMES = ("samples_per_s",)
+_MINIMIZE_SUBSTRINGS = ("loss",)
+_MINIMIZE_NAMES = ("stall_frac",)
 
 
-from pipeline.compare.subjects import Direction, Subject, metric_direction
+def metric_direction(key: str) -> Direction | None:
+    """The direction in which a metric improves: the rule behind "best".
 
-logger = logging.getLogger(__name__)
+    The rule looks at the last ``/``-separated component of the key: ``top1*``, ``top5*``, ``acc*`` and
+    ``samples_per_s`` are maximized; anything containing ``loss`` and ``stall_frac`` are minimized; all other
+    metrics (``lr``, ``grad_norm``, ``skipped`` …) have no direction and no best value.
+
+    Args:
+        key: metric name, e.g. ``val/top1_col2`` or ``train/loss``.
+
+    Returns:
+        ``"max"``, ``"min"`` or None.
+    """
+    leaf = key.rsplit("/", 1)[-1].lower()
+    if leaf.startswith(_MAXIMIZE_PREFIXES) or leaf in _MAXIMIZE_NAMES:
+        return "max"
+    if any(s in leaf for s in _MINIMIZE_SUBSTRINGS) or leaf in _MINIMIZE_NAMES:
+        return "min"
+    return None
+
 
 def differing_params(subjects: Sequence[Subject]) -> tuple[dict[str, dict[str, str | None]], int]:
     """The params whose values are not the same in every subject (a missing param counts as a value).

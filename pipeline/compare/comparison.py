@@ -1,18 +1,76 @@
-"""The whole comparison (select, load, summarize, plot) and its text table."""
+"""The whole comparison: :func:`compare_runs` selects runs, reads them, summarizes params and metrics and writes
+the PNGs into a :class:`Comparison` (with its JSON, what ``revcol compare --json`` prints)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
+from typing import Any
 
 from pipeline.compare.plots import _png_name, plot_metric
-from pipeline.compare.selection import load_subjects, select_runs
-from pipeline.compare.subjects import CompareError, Comparison, DEFAULT_METRICS, metric_direction
-from pipeline.compare.summary import differing_params, summarize_metrics
+from pipeline.compare.selection import CompareError, load_subjects, select_runs
+from pipeline.compare.subjects import STAGE_TAG, Subject
+from pipeline.compare.summary import differing_params, metric_direction, summarize_metrics
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_METRICS = ("train/loss", "val/top1")
+"""Metrics plotted when ``--metrics`` is not given (those absent from every run are skipped)."""
+
+
+@dataclass
+class Comparison:
+    """The result of :func:`compare_runs`.
+
+    Args:
+        tracking_uri: where the runs came from.
+        subjects: what was compared, in selection order.
+        params: differing params, ``{key: {run_id: value or None}}``.
+        n_params: how many distinct param keys the subjects have in all.
+        metrics: ``{run_id: {metric: {"final", "final_step", "best", "best_step", "direction"}}}``.
+        pngs: ``{metric: path}`` of the written plots.
+    """
+
+    tracking_uri: str
+    subjects: list[Subject]
+    params: dict[str, dict[str, str | None]]
+    n_params: int
+    metrics: dict[str, dict[str, dict[str, Any]]]
+    pngs: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready summary (what ``revcol compare --json`` prints).
+
+        Returns:
+            ``{"tracking_uri", "runs", "differing_params", "n_params", "metrics", "directions", "pngs"}``.
+        """
+        runs = []
+        for s in self.subjects:
+            runs.append(
+                {
+                    "run_id": s.run_id,
+                    "label": s.label,
+                    "name": s.run.info.run_name,
+                    "experiment_id": s.run.info.experiment_id,
+                    "kind": s.kind,
+                    "status": s.run.info.status,
+                    "stage": s.run.data.tags.get(STAGE_TAG),
+                    "stages": [asdict(p) for p in s.stages],
+                }
+            )
+        keys = sorted({k for per_run in self.metrics.values() for k in per_run})
+        return {
+            "tracking_uri": self.tracking_uri,
+            "runs": runs,
+            "differing_params": self.params,
+            "n_params": self.n_params,
+            "metrics": self.metrics,
+            "directions": {k: metric_direction(k) for k in keys},
+            "pngs": self.pngs,
+        }
+
 
 def compare_runs(
     tracking_uri: str,
@@ -68,47 +126,3 @@ def compare_runs(
             comparison.pngs[metric] = str(path)
             logger.info("wrote %s", path)
     return comparison
-
-
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.6g}"
-
-
-def _clip(text: str | None, width: int = 32) -> str:
-    if text is None:
-        return ""
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def format_table(comparison: Comparison) -> str:
-    """The comparison as a text table: one column per subject, rows for runs, differing params and metrics.
-
-    A blank cell means the subject has no such param or never logged the metric.
-
-    Args:
-        comparison: the result of :func:`compare_runs`.
-
-    Returns:
-        The table (no trailing newline).
-    """
-    subjects = comparison.subjects
-    rows: list[list[str] | str] = [["", *(s.label for s in subjects)]]  # a str row is a section heading
-    rows.append(["run id (first 12)", *(s.run_id[:12] for s in subjects)])
-    kinds = ["pipeline: " + " > ".join(p.stage for p in s.stages) if s.stages else "run" for s in subjects]
-    rows.append(["kind", *kinds])
-    rows.append(f"params that differ ({len(comparison.params)} of {comparison.n_params}; blank = not set)")
-    for key, values in comparison.params.items():
-        rows.append([f"  {key}", *(_clip(values[s.run_id]) for s in subjects)])
-    rows.append("metrics (final = at the last step; best by direction; blank = not logged)")
-    for key in sorted({k for per_run in comparison.metrics.values() for k in per_run}):
-        cells = [comparison.metrics[s.run_id].get(key) for s in subjects]
-        rows.append([f"  {key}  final", *(_fmt(c["final"]) if c else "" for c in cells)])
-        direction = metric_direction(key)
-        if direction is not None:
-            rows.append([f"  {key}  best ({direction})", *(_fmt(c["best"]) if c else "" for c in cells)])
-    table = [row for row in rows if isinstance(row, list)]
-    widths = [max(len(row[i]) for row in table) for i in range(len(subjects) + 1)]
-    lines = []
-    for row in rows:
-        lines.append(row if isinstance(row, str) else "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-    return "\n".join(lines)
