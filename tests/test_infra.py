@@ -13,7 +13,8 @@
   equal those of the cluster files, the RayJob runs a recipe that exists, no credentials anywhere under ``infra/``.
 * Each validator is also shown to reject a deliberately broken file.
 
-``load_node_shapes`` below is the reader for ``infra/clusters.yaml`` (what ``revcol plan`` checks recipes against).
+``infra/clusters.yaml`` is read by ``pipeline.plan.clusters.load_node_shapes``, the reader ``revcol plan --cluster``
+uses; the format checks below go through it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
+from pipeline.plan.clusters import load_node_shapes
 
 REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
@@ -65,59 +68,6 @@ RAY_VERSION = pinned_version("ray")
 # ---------------------------------------------------------------------------------------------------------------
 # Declared node shapes (infra/clusters.yaml), for `revcol plan` and friends
 # ---------------------------------------------------------------------------------------------------------------
-
-_SHAPE_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "role": str,
-    "gpus": int,
-    "gpu_mem_gib": (int, float),
-    "cpus": int,
-    "ram_gib": (int, float),
-    "min_nodes": int,
-    "max_nodes": int,
-}
-
-
-def load_node_shapes(cluster: str | None = None, *, path: Path = INFRA / "clusters.yaml") -> dict[str, Any]:
-    """Reads ``infra/clusters.yaml`` and checks its format.
-
-    Args:
-        cluster: a cluster name (``aws``, ``local``, ``k8s``) to get its ``{node_type: shape}``; None for all
-            clusters as ``{cluster: {"source": ..., "node_types": {...}}}``.
-        path: the file to read.
-
-    Returns:
-        Shapes as plain dicts: ``role``, ``gpus``, ``gpu_type`` (with GPUs), ``gpu_mem_gib``, ``cpus``, ``ram_gib``,
-        ``min_nodes``, ``max_nodes`` and optionally ``instance_type``.
-
-    Raises:
-        ValueError: naming the first bad entry.
-    """
-    doc = yaml.safe_load(Path(path).read_text())
-    if not isinstance(doc, dict) or doc.get("schema") != 1 or not isinstance(doc.get("clusters"), dict):
-        raise ValueError(f"{path}: expected 'schema: 1' and a 'clusters' mapping")
-    for name, entry in doc["clusters"].items():
-        if set(entry) != {"source", "node_types"} or not entry["node_types"]:
-            raise ValueError(f"clusters.{name}: needs exactly 'source' and a non-empty 'node_types'")
-        for node_type, shape in entry["node_types"].items():
-            where = f"clusters.{name}.node_types.{node_type}"
-            allowed = set(_SHAPE_FIELDS) | {"gpu_type", "instance_type"}
-            if unknown := set(shape) - allowed:
-                raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
-            for key, kind in _SHAPE_FIELDS.items():
-                if not isinstance(shape.get(key), kind) or isinstance(shape.get(key), bool):
-                    raise ValueError(f"{where}.{key}: missing or not {kind}")
-                if key != "role" and shape[key] < 0:
-                    raise ValueError(f"{where}.{key}: negative")
-            if shape["role"] not in NODE_ROLES:
-                raise ValueError(f"{where}.role: {shape['role']!r} not in {NODE_ROLES}")
-            if shape["min_nodes"] > shape["max_nodes"]:
-                raise ValueError(f"{where}: min_nodes > max_nodes")
-            if (shape["gpus"] > 0) != (shape["gpu_mem_gib"] > 0) or (shape["gpus"] > 0) != ("gpu_type" in shape):
-                raise ValueError(f"{where}: gpus, gpu_mem_gib and gpu_type go together")
-    if cluster is None:
-        return doc["clusters"]
-    return doc["clusters"][cluster]["node_types"]
-
 
 def test_clusters_yaml_format_and_roles() -> None:
     clusters = load_node_shapes()

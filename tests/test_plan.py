@@ -10,6 +10,8 @@
 * RevCol-H at 640 px: ZeRO-0 on 8× 80 GB is refused naming the fix; ZeRO-3 bf16 at a small micro-batch fits;
 * RevCol-H on one 20 GiB CPU worker with NVMe offload fits (16 bytes/parameter on disk); with AdamW in memory
   it is refused (the measured figures are benchmarks/revcol_h_offload.py's);
+* a plan for a cluster declared in ``infra/clusters.yaml`` (``--cluster NAME``) uses its training workers, GPU and
+  host memory per worker and CPUs, command-line values winning; an unknown name lists the known ones;
 * the CLI: ``--json`` last line, exit status 0 when it fits, 1 with the reason when it does not.
 """
 
@@ -31,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import revcol
 from pipeline.config import RegularizeConfig, StageConfig, load_recipe
 from pipeline.plan import ClusterShape, activation_trace, model_stats, plan_recipe, plan_stage
+from pipeline.plan.clusters import declared_cluster
 from pipeline.stages import run_pipeline
 from pipeline.train.engine import Objective
 from revcol.measure import heap_in_use, memory_kept_for_backward
@@ -298,3 +301,58 @@ def test_cli_refuses_a_non_fitting_override_with_the_reason() -> None:
 def test_a_resolution_the_model_cannot_take_is_named() -> None:
     with pytest.raises(ValueError, match="image size 100 is not a multiple of 32"):
         activation_trace(_stage(size=100))
+
+
+# ------------------------------------------------------------------------------------------ declared clusters
+_CLUSTERS = """\
+schema: 1
+clusters:
+  lab:
+    source: infra/ray/local.yaml
+    node_types:
+      head: {role: head, gpus: 0, gpu_mem_gib: 0, cpus: 0, ram_gib: 16, min_nodes: 1, max_nodes: 1}
+      a100x4: {role: train, gpus: 4, gpu_type: A100, gpu_mem_gib: 40, cpus: 32, ram_gib: 320, min_nodes: 3,
+               max_nodes: 3}
+      cpu: {role: data, gpus: 0, gpu_mem_gib: 0, cpus: 16, ram_gib: 64, min_nodes: 0, max_nodes: 2}
+"""
+
+
+def test_a_plan_for_a_declared_cluster_uses_its_node_shapes(tmp_path: Path) -> None:
+    path = tmp_path / "clusters.yaml"
+    path.write_text(_CLUSTERS)
+    lab = declared_cluster("lab", path=path)
+    # 3 nodes x 4 GPUs; 40 GiB each; 320 GiB / 4 GPUs of host memory; CPUs of training and data nodes
+    assert (lab.workers, lab.gpu_mem_gib, lab.host_mem_gib, lab.cpus, lab.gpus_per_node) == (12, 40, 80, 128, 4)
+    recipe = load_recipe(H_RECIPE)  # scaling: 8 workers, 80 GiB GPU, 96 GiB host, 4 + 64/8 CPUs per worker
+    cluster = ClusterShape.from_recipe(recipe, declared=lab)
+    assert set(cluster.sources.values()) == {"cluster lab"} and cluster.name == "lab"
+    plan = plan_recipe(recipe, cluster, stage="finetune_640", suggest=False, with_deepspeed_estimate=False)
+    (stage,) = plan.stages
+    assert (stage.workers, stage.gpu_budget_bytes, stage.host_budget_bytes) == (12, 40 * GiB, 80 * GiB)
+    assert stage.global_batch == stage.micro_batch * stage.grad_accum * 12
+    assert _item(stage, "parameters (fp32, 1/12)") == 4 * -(-stage.stats.params // 12)  # ZeRO-3 over 12 workers
+    # 12 workers x 4 trainer CPUs + 64 data CPUs = 112 of the cluster's 128: no CPU problem
+    assert cluster.cpus_per_worker == 128 / 12 and not any("CPUs" in p for p in stage.problems)
+    assert plan.to_dict()["cluster"]["name"] == "lab"
+    # a command-line value wins over the cluster's; the cluster's CPUs are then shared by fewer workers
+    fewer = ClusterShape.from_recipe(recipe, declared=lab, workers=8, gpu_mem_gib=24)
+    assert (fewer.workers, fewer.gpu_mem_gib, fewer.host_mem_gib, fewer.cpus_per_worker) == (8, 24, 80, 16)
+    assert fewer.sources == {"workers": "cli", "gpu_mem_gib": "cli", "host_mem_gib": "cluster lab",
+                             "cpus_per_worker": "cluster lab"}
+    with pytest.raises(ValueError, match="cluster 'lab' holds at most 12 training workers"):
+        ClusterShape.from_recipe(recipe, declared=lab, workers=16)
+    with pytest.raises(ValueError, match="unknown cluster 'aws' in .*; known: lab"):
+        declared_cluster("aws", path=path)
+
+
+def test_cli_plans_for_a_cluster_of_infra_clusters_yaml() -> None:
+    recipe = ROOT / "jobs" / "revcol_t_1k.yaml"
+    proc = _cli(str(recipe), "--stage", "eval", "--cluster", "aws", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    c = out["cluster"]  # infra/clusters.yaml, aws: up to 4 nodes x 8 H100 (80 GiB), 2048 GiB RAM per node
+    assert (c["name"], c["workers"], c["gpu_mem_gib"], c["host_mem_gib"], c["gpus_per_node"]) == ("aws", 32, 80, 256, 8)
+    assert c["sources"]["workers"] == "cluster aws" and out["stages"][0]["workers"] == 32
+    assert out["stages"][0]["budget_bytes"] == {"gpu": 80 * GiB, "host": 256 * GiB}
+    proc = _cli(str(recipe), "--cluster", "nope")
+    assert proc.returncode == 2 and "unknown cluster 'nope'" in proc.stderr and "known: aws, k8s, local" in proc.stderr

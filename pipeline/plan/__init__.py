@@ -43,7 +43,8 @@ suggestions and several recipes sharing a model costs one trace each.
 
 Modules, in the order a plan is made:
 
-* ``clusters``: :class:`ClusterShape`, the cluster a recipe is planned for (from the recipe's ``scaling``);
+* ``clusters``: :class:`ClusterShape`, the cluster a recipe is planned for (from the recipe's ``scaling``, or a
+  cluster declared in ``infra/clusters.yaml``: ``revcol plan --cluster NAME``);
 * ``stats``: exact parameter statistics of a stage's model, built on the ``meta`` device;
 * ``trace``: the activation trace (one step on fake tensors: live bytes op by op, forward FLOPs);
 * ``ledger``: the memory items of a worker per ZeRO stage and offload setting (what lives where, when);

@@ -24,7 +24,7 @@ def format_plan(plan: Plan) -> str:
     c = plan.cluster
     host = "unchecked" if c.host_mem_gib is None else f"{c.host_mem_gib:g} GiB"
     lines = [
-        f"recipe {plan.recipe}: {c.workers} worker(s), "
+        f"recipe {plan.recipe}{'' if c.name is None else f' on cluster {c.name}'}: {c.workers} worker(s), "
         + (f"{c.gpu_mem_gib:g} GiB GPU each" if c.use_gpu else "CPU training")
         + f", host memory per worker {host}",
         f"activations: {ACTIVATION_METHOD}",

@@ -186,11 +186,13 @@ class Plan:
         return {
             "recipe": self.recipe,
             "cluster": {
+                "name": c.name,
                 "workers": c.workers,
                 "use_gpu": c.use_gpu,
                 "gpu_mem_gib": c.gpu_mem_gib,
                 "host_mem_gib": c.host_mem_gib,
                 "cpus_per_worker": c.cpus_per_worker,
+                "gpus_per_node": c.gpus_per_node,
                 "sources": c.sources,
             },
             "activation_method": ACTIVATION_METHOD,
