@@ -21,22 +21,20 @@ Replan = Callable[[StageConfig, ClusterShape, ActivationTrace], StagePlan]
 
 def _check(plan: StagePlan, cluster: ClusterShape, cpus_needed: float | None) -> None:
     """Fills ``plan.problems``: device memory, host memory, CPU cores."""
-    if plan.gpu_budget_bytes is not None:
-        need, (peak, phase) = plan.required_bytes("gpu"), plan.peak("gpu")
-        if need > plan.gpu_budget_bytes:
-            plan.problems.append(
-                f"needs {need / GiB:.1f} GiB per GPU (peak {peak / GiB:.1f} GiB in {phase}, of which "
-                f"{plan.persistent_bytes('gpu') / GiB:.1f} GiB for the whole run; plus reserve and headroom), "
-                f"has {plan.gpu_budget_bytes / GiB:.1f} GiB"
-            )
-    if plan.host_budget_bytes is not None:
-        need, (_, phase) = plan.required_bytes("host"), plan.peak("host")
-        if need > plan.host_budget_bytes:
-            plan.problems.append(
-                f"needs {need / GiB:.1f} GiB host memory per worker (peak in {phase}), "
-                f"has {plan.host_budget_bytes / GiB:.1f} GiB: raise scaling.memory_per_worker_gb (or use fewer "
-                f"workers per node)"
-            )
+    for tier, budget in (("gpu", plan.gpu_budget_bytes), ("host", plan.host_budget_bytes)):
+        if budget is None:
+            continue
+        need, (peak, phase) = plan.required_bytes(tier), plan.peak(tier)
+        if need <= budget:
+            continue
+        if tier == "gpu":
+            what = (f"per GPU (peak {peak / GiB:.1f} GiB in {phase}, of which {plan.persistent_bytes('gpu') / GiB:.1f} "
+                    f"GiB for the whole run; plus reserve and headroom)")
+            fix = ""
+        else:
+            what, fix = f"host memory per worker (peak in {phase})", (
+                ": raise scaling.memory_per_worker_gb (or use fewer workers per node)")
+        plan.problems.append(f"needs {need / GiB:.1f} GiB {what}, has {budget / GiB:.1f} GiB{fix}")
     if cpus_needed is not None and cluster.cpus_per_worker is not None and cpus_needed > cluster.cpus_per_worker:
         plan.problems.append(
             f"needs {cpus_needed:g} CPUs per worker (scaling.cpus_per_worker plus its share of scaling.data_cpus), "
