@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.stream.control import control_of
-from pipeline.data.stream.position import StreamPosition, packed_bitmaps
+from pipeline.data.stream.position import StreamPosition
 from pipeline.data.stream.skips import DataSkipError
 from pipeline.data.transforms import mix_seed, normalize_batch
 
@@ -121,7 +121,7 @@ def iter_train_batches(
     position.bind(dataset=info["dataset"], seed=info["seed"], shard_samples=info["shard_samples"],
                   epoch=info["epoch"])
     epoch = int(position.epoch)  # type: ignore[arg-type]
-    ray.get(control.begin_pass.remote(epoch, packed_bitmaps(position)))
+    ray.get(control.begin_pass.remote(epoch, position.state_dict()))
     rank = _rank_of(source) if rank is None else rank
     buffer = info["shuffle_buffer"] if shuffle_buffer is None else shuffle_buffer
     dev = torch.device(device) if device is not None else torch.device("cpu")

@@ -6,10 +6,8 @@ import logging
 from collections import Counter
 from typing import Any
 
-import numpy as np
-
+from pipeline.data.stream.position import StreamPosition, shard_order
 from pipeline.data.stream.skips import skip_budget
-from pipeline.data.transforms import mix_seed
 
 __all__ = ["CONTROL_KEY", "StreamControl", "control_of", "skipped_counts"]
 
@@ -23,11 +21,10 @@ class StreamControl:
     """Shared state of one stream (a Ray actor, zero CPUs): the current pass's epoch and consumed samples, the
     per-epoch shard order, and the skip counters with their threshold."""
 
-    def __init__(self, info: dict[str, Any], *, epoch: int, consumed: dict[int, bytes]) -> None:
+    def __init__(self, info: dict[str, Any], *, epoch: int) -> None:
         self._info = info
         self._epoch = epoch
-        self._consumed = consumed
-        self._orders: dict[int, np.ndarray] = {}
+        self._consumed = StreamPosition()
         self._by_kind: Counter[str] = Counter()
         self._by_shard: dict[str, Counter[str]] = {}
         self._per_epoch: Counter[int] = Counter()
@@ -38,23 +35,18 @@ class StreamControl:
     def info(self) -> dict[str, Any]:
         return {**self._info, "epoch": self._epoch}
 
-    def begin_pass(self, epoch: int, consumed: dict[int, bytes]) -> None:
+    def begin_pass(self, epoch: int, position: dict[str, Any]) -> None:
+        """Starts a pass of ``epoch`` that skips what ``position`` (a :meth:`StreamPosition.state_dict`) consumed."""
         self._epoch = int(epoch)
-        self._consumed = dict(consumed)
+        self._consumed = StreamPosition.from_state_dict(position)
 
     def plan(self, slot: int) -> tuple[int, int, bytes | None]:
         """(epoch, shard index, packed consumed bits of that shard or None) for the shard read in ``slot``."""
-        epoch = self._epoch
+        epoch, samples = self._epoch, self._info["shard_samples"]
+        shard = int(slot)
         if self._info["shuffle_shards"]:
-            order = self._orders.get(epoch)
-            if order is None:
-                rng = np.random.default_rng(mix_seed(self._info["seed"], epoch, 0x5A4D))
-                order = self._orders[epoch] = rng.permutation(len(self._info["shard_samples"]))
-                self._orders = {epoch: order}
-            shard = int(order[slot])
-        else:
-            shard = int(slot)
-        return epoch, shard, self._consumed.get(shard)
+            shard = int(shard_order(self._info["seed"], epoch, len(samples))[shard])
+        return epoch, shard, self._consumed.packed_consumed(shard, samples[shard])
 
     def report(self, epoch: int, shard_name: str, counts: dict[str, int], examples: dict[str, str]) -> str | None:
         """Adds a shard's skip counts; returns the error message when the epoch is over its budget."""

@@ -11,7 +11,7 @@ from pipeline import storage
 from pipeline.config import DataConfig, S3Config
 from pipeline.data.stream.control import CONTROL_KEY, StreamControl
 from pipeline.data.stream.decode import TaskSpec, eval_task, train_task
-from pipeline.data.stream.position import StreamPosition, packed_bitmaps
+from pipeline.data.stream.position import StreamPosition
 from pipeline.data.stream.shard_set import ShardSet, resolve_shards
 from pipeline.data.transforms import ImageConfig, resolve_image_config
 
@@ -49,7 +49,6 @@ def _build(
     data_cpus: float,
     extra_info: dict[str, Any],
     epoch: int,
-    consumed: dict[int, bytes],
 ) -> tuple[Any, ShardSet, ImageConfig, TaskSpec, Any]:
     import ray
 
@@ -85,7 +84,7 @@ def _build(
         "size": image.size,
         **extra_info,
     }
-    control = ray.remote(num_cpus=0, max_restarts=0)(StreamControl).remote(info, epoch=epoch, consumed=consumed)
+    control = ray.remote(num_cpus=0, max_restarts=0)(StreamControl).remote(info, epoch=epoch)
     return control, shard_set, image, task_spec, info
 
 
@@ -167,13 +166,13 @@ def build_train_dataset(
         s3_cfg=s3_cfg, data_cpus=data_cpus,
         extra_info={"shuffle_shards": True, "erase_prob": data_cfg.random_erasing,
                     "shuffle_buffer": data_cfg.shuffle_buffer, "kind": "train"},
-        epoch=epoch, consumed={},
+        epoch=epoch,
     )
     if position is not None:
         import ray
 
         start.bind(dataset=shard_set.fingerprint, seed=data_cfg.seed, shard_samples=task_spec.samples, epoch=epoch)
-        ray.get(control.begin_pass.remote(start.epoch, packed_bitmaps(start)))
+        ray.get(control.begin_pass.remote(start.epoch, start.state_dict()))
     items = [{"slot": i} for i in range(len(shard_set.shards))]
     logger.info(
         "train stream: %d shard(s), %d samples, %d px, %s decode task(s) x %.2f CPU",
@@ -227,7 +226,7 @@ def build_eval_dataset(
         split="val", spec=data_cfg.val, data_cfg=data_cfg, model_name=model_name, image_config=image_config,
         s3_cfg=s3_cfg, data_cpus=data_cpus,
         extra_info={"shuffle_shards": False, "batch_size": batch, "num_splits": num_splits, "kind": "eval"},
-        epoch=0, consumed={},
+        epoch=0,
     )
     pad = -shard_set.num_samples % (num_splits * batch)
     items = [{"slot": i} for i in range(len(shard_set.shards))] + ([{"slot": -pad}] if pad else [])
