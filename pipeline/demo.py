@@ -112,7 +112,7 @@ def _local_services(workdir: Path) -> Iterator[list[str]]:
 
 
 def run_demo(*, workdir: str | Path = "runs/demo", overrides: list[str] | None = None, seed: int = 0,
-             progress: bool = True, services: bool = False) -> dict[str, Any]:
+             progress: bool = True, services: bool = False, stages: list[str] | None = None) -> dict[str, Any]:
     """Prepares the data, runs the demo chain and returns its summary (what ``--json`` prints).
 
     Args:
@@ -123,6 +123,7 @@ def run_demo(*, workdir: str | Path = "runs/demo", overrides: list[str] | None =
         services: run against a local S3 server (storage) and MLflow server (tracking) started for the demo and
             stopped after it, instead of local storage and a local MLflow store. Needs a local Ray (not
             ``RAY_ADDRESS``): the S3 variables reach the workers through this process's environment.
+        stages: run only these stages (and reuse those finished before); None: all of them.
     """
     from pipeline.config import load_recipe
     from pipeline.stages import run_pipeline
@@ -137,7 +138,7 @@ def run_demo(*, workdir: str | Path = "runs/demo", overrides: list[str] | None =
         if services:
             sets += stack.enter_context(_local_services(workdir))
         recipe = load_recipe(RECIPE, [*sets, *(overrides or [])])
-        outcomes = run_pipeline(recipe)
+        outcomes = run_pipeline(recipe, stages=stages)
     summary = {
         "recipe": recipe.name,
         "tracking_uri": recipe.tracking.uri,

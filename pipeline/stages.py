@@ -133,6 +133,12 @@ def _resolve_init(recipe: Recipe, stage: StageConfig, done: dict[str, StageOutco
     return stage.init_from, None
 
 
+def _check_stage_names(recipe: Recipe, stages: list[str] | None) -> None:
+    unknown = [s for s in stages or [] if s not in [st.name for st in recipe.stages]]
+    if unknown:
+        raise ValueError(f"--stages: unknown stage(s) {unknown}; recipe has {[s.name for s in recipe.stages]}")
+
+
 def plan_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> dict[str, Any]:
     """Validates data and lineage without taking cluster resources: the ``--dry-run`` plan.
 
@@ -142,6 +148,7 @@ def plan_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> dict[st
     """
     from pipeline.data.stream import check_inputs
 
+    _check_stage_names(recipe, stages)
     plan = []
     for stage in recipe.stages:
         if stages and stage.name not in stages:
@@ -266,6 +273,7 @@ def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> list[Sta
     Raises:
         RuntimeError: a stage failed (its MLflow run and the parent are marked FAILED; re-running resumes it).
     """
+    _check_stage_names(recipe, stages)
     # GPU memory, or the host memory the recipe is sized for, is a hard limit: refuse a misfit before taking
     # any resource (`revcol plan` tells the same, with what to change).
     if recipe.scaling.use_gpu or recipe.scaling.memory_per_worker_gb is not None:

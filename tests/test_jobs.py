@@ -10,6 +10,8 @@ a Ray Train start-up (~1 min on a busy 2-core machine) and the chain itself is c
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import subprocess
 import sys
@@ -216,53 +218,39 @@ def test_submit_stop_and_resume(
 
 
 
-def test_demo_services_runs_against_local_s3_and_mlflow(
-    digits: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """``revcol demo --services``: the recipe points at an S3 server and an MLflow server started for the demo (real
-    servers; the training itself is replaced here — the job test above runs it against the same kind of servers),
-    the AWS variables reach the pipeline, and everything stops and is restored afterwards."""
-    import os
+def test_demo_services_runs_against_local_s3_and_mlflow(digits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``revcol demo --services`` as a user runs it (its pretrain stage, a few steps): the recipe points at an S3
+    server and an MLflow server started for the demo, the workers reach both (checkpoints and the export land in S3,
+    metrics in MLflow), and both servers are stopped afterwards; the runs outlive the server in its SQLite store."""
+    import psutil
 
-    from pipeline import demo, stages
-    from pipeline.storage import make_client, resolve_s3_config
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE")}
+    cmd = [sys.executable, "-m", "pipeline", "demo", "--services", "--workdir", str(digits), "--stages", "pretrain",
+           "--set", "stages.pretrain.optim.max_steps=6", "--set", "stages.pretrain.checkpoint.interval_steps=3",
+           "--json"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
 
-    for key in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    seen: dict[str, Any] = {}
+    from pipeline import demo
 
-    def fake_run_pipeline(recipe: Any, *, stages: list[str] | None = None) -> list[Any]:
-        from pipeline.stages import StageOutcome
-
-        seen["storage_path"], seen["tracking_uri"] = recipe.storage_path, recipe.tracking.uri
-        seen["endpoint"] = os.environ.get("AWS_ENDPOINT_URL")
-        bucket, _, prefix = recipe.storage_path.removeprefix("s3://").partition("/")
-        client = make_client(resolve_s3_config(recipe.s3))
-        client.put_object(Bucket=bucket, Key=f"{prefix}/probe.txt", Body=b"ok")
-        seen["keys"] = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
-        tracking = MlflowClient(recipe.tracking.uri)
-        run = tracking.create_run(tracking.create_experiment(recipe.name))
-        tracking.log_metric(run.info.run_id, "train/loss", 1.0)
-        tracking.set_terminated(run.info.run_id)
-        return [StageOutcome(stage="pretrain", kind="pretrain", status="FINISHED", run_id=run.info.run_id)]
-
-    monkeypatch.setattr(stages, "run_pipeline", fake_run_pipeline)
-    (digits / "services").mkdir(exist_ok=True)
-    (digits / "services" / "mlflow.db").write_bytes(b"a previous run's store")  # replaced: its S3 data is gone
-    summary = demo.run_demo(workdir=digits, progress=False, services=True)
-
-    assert seen["storage_path"] == f"s3://{demo.SERVICES_BUCKET}/demo"
-    assert re.fullmatch(r"http://127\.0\.0\.1:\d+", seen["tracking_uri"])
-    assert seen["endpoint"] and seen["endpoint"].startswith("http://127.0.0.1:")
-    assert "demo/probe.txt" in seen["keys"]
-    assert "AWS_ENDPOINT_URL" not in os.environ  # restored
-    for url in (seen["endpoint"], seen["tracking_uri"]):  # both servers stopped
+    assert summary["storage_path"] == f"s3://{demo.SERVICES_BUCKET}/demo"
+    assert summary["stages"]["pretrain"]["status"] == "FINISHED", summary
+    found = re.findall(r"(s3 \(moto\)|mlflow) up at (http://127\.0\.0\.1:\d+) \(pid (\d+)\)", out)
+    servers = {name: (url, int(pid)) for name, url, pid in found}
+    assert set(servers) == {"s3 (moto)", "mlflow"}, out[-4000:]
+    for url, pid in servers.values():  # both stopped
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
         with pytest.raises(urllib.error.URLError):
             urllib.request.urlopen(url, timeout=5)
-    # the runs outlive the server in its SQLite store, which the summary names
     assert summary["tracking_uri"] == f"sqlite:///{digits / 'services' / 'mlflow.db'}"
     run = MlflowClient(summary["tracking_uri"]).get_run(summary["stages"]["pretrain"]["run_id"])
-    assert run.info.status == "FINISHED" and run.data.metrics["train/loss"] == 1.0
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["revcol.export_uri"].startswith(f"s3://{demo.SERVICES_BUCKET}/demo/")
+    history = MlflowClient(summary["tracking_uri"]).get_metric_history(run.info.run_id, "train/loss")
+    assert max(m.step for m in history) == 6 and all(math.isfinite(m.value) and m.value > 0 for m in history)
 
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
     with pytest.raises(ValueError, match="RAY_ADDRESS"):
