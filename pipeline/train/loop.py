@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import random
 import shutil
 import tempfile
 import time
@@ -18,12 +19,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import torch
 
 import revcol
 from pipeline.config import Recipe, S3Config, StageConfig
 from pipeline.data.stream import StreamPosition, iter_train_batches, skipped_counts
+from pipeline.data.transforms import mix_seed
 from pipeline.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from pipeline.train.ema import ShardedEma
 from pipeline.train.engine import Objective, build_engine, build_model, deepspeed_config, largest_param
@@ -180,15 +183,9 @@ def train_func(config: dict[str, Any]) -> None:
         cpu_offload=stage.deepspeed.offload_optimizer != "none",
     )
     engine = build_engine(objective, optimizer, ds_config)
+    _seed_rank(stage.data.seed, rank)  # the weights are built: from here on each rank draws its own randomness
     batches_per_epoch = job.train_samples // world // micro  # equal split, drop_last
     steps_per_epoch = max(1, batches_per_epoch // accum)
-    total_steps = math.ceil(stage.optim.epochs * steps_per_epoch)
-    if stage.optim.max_steps is not None:
-        total_steps = min(total_steps, stage.optim.max_steps)
-    scheduler = build_scheduler(
-        optimizer, stage.optim, total_steps=total_steps,
-        warmup_steps=round(stage.optim.warmup_epochs * steps_per_epoch), lr_factor=lr_factor,
-    )
     ema = ShardedEma(model, stage.regularize.ema_decay) if stage.regularize.ema_decay else None
     mixup = _mixup(stage, job.num_classes)
 
@@ -211,7 +208,17 @@ def train_func(config: dict[str, Any]) -> None:
         logger.info("rank %d resumed at step %d (epoch %d, %d samples of it consumed)", rank, state.step,
                     state.epoch, position.num_consumed)
     shutil.rmtree(resume_copy, ignore_errors=True)
-    scheduler.step_update(state.step)
+    # Progress is counted in samples, so that a run resumed on another number of workers continues its schedule at
+    # the same point and ends after the same number of samples (to within the drop-last of an epoch's split).
+    total_steps = state.step + math.ceil(
+        max(0, math.ceil(stage.optim.epochs * steps_per_epoch) * global_batch - state.samples) / global_batch)
+    if stage.optim.max_steps is not None:
+        total_steps = min(total_steps, stage.optim.max_steps)
+    scheduler = build_scheduler(
+        optimizer, stage.optim, total_samples=state.samples + (total_steps - state.step) * global_batch,
+        warmup_samples=round(stage.optim.warmup_epochs * steps_per_epoch * global_batch), lr_factor=lr_factor,
+    )
+    scheduler.step_update(state.samples)
 
     scratch = Path(tempfile.mkdtemp(prefix="revcol-fallback-"))
     tracker = _tracker(job, rank, scratch)
@@ -254,7 +261,7 @@ def train_func(config: dict[str, Any]) -> None:
             loss, _ = engine(images, targets)
             engine.backward(loss)
             engine.step()
-            window["loss"] += loss.item()
+            window["loss"] += loss.detach()  # read back at log intervals only: no host sync per step
             window["n"] += 1
             window["wait"] += t_got - t_wait
             window["samples"] += len(labels) * world
@@ -262,7 +269,7 @@ def train_func(config: dict[str, Any]) -> None:
             if engine.is_gradient_accumulation_boundary():
                 state.step += 1
                 state.samples += global_batch
-                scheduler.step_update(state.step)
+                scheduler.step_update(state.samples)
                 if ema is not None:
                     ema.update()
                 if state.step % job.log_every == 0 or state.step == total_steps:
@@ -294,6 +301,16 @@ def train_func(config: dict[str, Any]) -> None:
     shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _seed_rank(seed: int, rank: int) -> None:
+    """Seeds torch (CPU and every CUDA device), numpy and Python from (seed, rank): drop-path masks, mixup/cutmix
+    (numpy) and anything else drawn during training differ between ranks yet repeat run to run. A resumed run
+    restores the checkpoint's states over these."""
+    rank_seed = mix_seed(seed, rank, 0x5EED)
+    torch.manual_seed(rank_seed)
+    np.random.seed(rank_seed % 2**32)
+    random.seed(rank_seed)
+
+
 def _remove_offload_files(stage: StageConfig, rank: int) -> None:
     """This rank's DeepSpeed swap files under ``deepspeed.nvme_path`` (tens of GB for a large model): scratch,
     so they go when the stage ends rather than staying on the disk."""
@@ -319,7 +336,7 @@ def _log_progress(
     """Metrics of the last logging window to the tracker (rank 0) and a progress line to the job log."""
     grad_norm = engine.get_global_grad_norm()
     metrics = {
-        "train/loss": window["loss"] / max(window["n"], 1),
+        "train/loss": float(window["loss"]) / max(window["n"], 1),
         "train/lr": max(g["lr"] for g in optimizer.param_groups),
         "train/samples_per_s": window["samples"] / max(window["time"], 1e-9),
         "data/stall_frac": window["wait"] / max(window["time"], 1e-9),

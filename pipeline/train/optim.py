@@ -60,17 +60,18 @@ def build_optimizer(groups: list[dict], cfg: OptimConfig, *, lr: float, cpu_offl
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, total_steps: int, warmup_steps: int, lr_factor: float
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, *, total_samples: int, warmup_samples: int, lr_factor: float
 ) -> Scheduler:
-    """Per-step warmup (from ``warmup_lr``) then cosine to ``min_lr``; every LR multiplied by ``lr_factor``
-    (the batch scaling). ``scheduler.step_update(step)`` after each optimizer step."""
+    """Warmup (from ``warmup_lr``) then cosine to ``min_lr``; every LR multiplied by ``lr_factor`` (the batch
+    scaling). Its clock is samples: ``scheduler.step_update(samples)`` after each optimizer step with the samples
+    trained so far, so a run resumed on another number of workers continues at the same point of training."""
     if cfg.schedule == "constant":
-        total_steps = 10**12  # cosine over an effectively infinite horizon: flat after warmup
+        total_samples = 10**15  # cosine over an effectively infinite horizon: flat after warmup
     return CosineLRScheduler(
         optimizer,
-        t_initial=max(1, total_steps - warmup_steps),
+        t_initial=max(1, total_samples - warmup_samples),
         lr_min=cfg.min_lr * lr_factor,
-        warmup_t=warmup_steps,
+        warmup_t=warmup_samples,
         warmup_lr_init=cfg.warmup_lr * lr_factor,
         warmup_prefix=True,
         t_in_epochs=False,

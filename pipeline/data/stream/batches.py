@@ -28,6 +28,14 @@ def _tensor(array: np.ndarray) -> Any:
         return torch.from_numpy(array)
 
 
+def _to_device(array: np.ndarray, device: Any) -> Any:
+    """``array`` on ``device``; to a GPU through pinned memory, so that the copy is asynchronous."""
+    tensor = _tensor(array)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def _rank_of(source: Any) -> int:
     split = getattr(source, "_output_split_idx", None)
     if isinstance(split, int):
@@ -136,7 +144,7 @@ def iter_train_batches(
     ))
     with _pass_guard(control, iterator):
         for rows in iterator:
-            images = _tensor(rows["image"]).to(dev, non_blocking=True)
+            images = _to_device(rows["image"], dev)
             generator.manual_seed(mix_seed(info["seed"], epoch, int(rows["shard"][0]), int(rows["index"][0])))
             batch = {
                 "image": normalize_batch(images, mean=tuple(info["mean"]), std=tuple(info["std"]),
@@ -203,7 +211,7 @@ def iter_eval_batches(
                                         prefetch_batches=prefetch_batches))
     with _pass_guard(control, iterator):
         for rows in iterator:
-            images = _tensor(rows["image"]).to(dev, non_blocking=True)
+            images = _to_device(rows["image"], dev)
             yield {
                 "image": normalize_batch(images, mean=tuple(info["mean"]), std=tuple(info["std"])),
                 "label": _tensor(rows["label"]).to(dev, dtype=torch.int64),
