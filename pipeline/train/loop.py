@@ -145,15 +145,15 @@ def _evaluate(engine: Any, shard: Any, batch_size: int) -> dict[str, float]:
     return metrics
 
 
-def _merged_position(position: Any) -> dict[str, Any]:
-    """The union of every rank's consumed samples (a collective: all ranks call it at the same step)."""
+def _merged_position(position: StreamPosition) -> dict[str, Any]:
+    """The union of every rank's consumed samples (a collective: all ranks call it at the same step), merged into
+    this rank's own position too: a rank sees only its rows of each shard, so on its own it would keep a bitmap for
+    every shard it touched; with the union, shards every rank is done with shrink to ranges."""
     import torch.distributed as dist
-
-    from pipeline.data.stream import StreamPosition
 
     states: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(states, position.state_dict())
-    return StreamPosition.merged(states).state_dict()
+    return position.merge(states).state_dict()
 
 
 def train_func(config: dict[str, Any]) -> None:
