@@ -106,7 +106,7 @@ def _save_load(position: Any, cls: Any, repeats: int) -> dict[str, float]:
     for _ in range(repeats):
         w0, c0 = time.perf_counter(), time.process_time()
         text = json.dumps(position.state_dict(), indent=1)
-        w1, c1 = time.perf_counter(), time.process_time()
+        c1 = time.process_time()
         cls.from_state_dict(json.loads(text))
         w2, c2 = time.perf_counter(), time.process_time()
         run = {"bytes": len(text), "save_s": c1 - c0, "load_s": c2 - c1, "total_s": c2 - c0, "wall_s": w2 - w0}

@@ -153,6 +153,9 @@ class ModelConfig(_Section):
     """Classes of the head; defaults to the class count in the training manifest."""
     reversible: bool = True
     """Reversible backward (activation memory independent of the number of columns)."""
+    fast_path: bool = True
+    """Channels-last activations and, reversible, the last column kept rather than recomputed (one column's
+    activations more, still independent of the number of columns); false: the reference path."""
     intersup: bool = False
     """Intermediate supervision: per-column classifiers and reconstruction decoders, compound loss."""
     drop_path_rate: float = Field(default=0.0, ge=0, lt=1)

@@ -28,7 +28,10 @@ __all__ = [
     "reconstruction_target",
 ]
 
-_OVERRIDES = ("channels", "layers", "num_subnet", "kernel_size", "top_branch", "head_init_scale", "in_chans")
+_OVERRIDES = (
+    "channels", "layers", "num_subnet", "kernel_size", "top_branch", "head_init_scale", "in_chans", "channels_last",
+    "keep_last_column",
+)
 
 
 def list_variants() -> list[str]:
@@ -61,7 +64,8 @@ def create_model(
         intersup: intermediate supervision heads (per-column classifiers, reconstruction decoders).
         drop_path_rate: stochastic depth.
         **overrides: custom sizes: ``channels``, ``layers``, ``num_subnet``, ``kernel_size``, ``top_branch``,
-            ``head_init_scale``, ``in_chans``.
+            ``head_init_scale``, ``in_chans``; and the speed switches ``channels_last``, ``keep_last_column``
+            (both on by default, see :class:`RevCol`).
     """
     from revcol.model import _create_revcol
 

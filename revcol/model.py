@@ -25,7 +25,7 @@ from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from revcol.reversible import ReverseStep, ReversibleColumns, RngState, capture_rng, restore_rng
+from revcol.reversible import ReverseStep, ReversibleColumns, RngState, capture_rng, reverse_column
 
 __all__ = ["ColumnOutputs", "RevCol", "ALPHA_MIN"]
 
@@ -191,7 +191,7 @@ class Column(nn.Module):
     def levels(self) -> list[Level]:
         return [getattr(self, f"level{lvl}") for lvl in range(4)]
 
-    def _level_inputs(
+    def level_inputs(
         self, lvl: int, x: torch.Tensor, new: list[Any], old: list[Any]
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         below = x if lvl == 0 else new[lvl - 1]
@@ -211,47 +211,15 @@ class Column(nn.Module):
         reverse: ReverseStep | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if reverse is not None:
-            return self._reverse(x, [c0, c1, c2, c3], reverse)
+            return reverse_column(self, x, [c0, c1, c2, c3], reverse)
         old = [c0, c1, c2, c3]
         new: list[Any] = [None] * 4
         alphas = self.alphas()
         for lvl, level in enumerate(self.levels()):
             if rng_out is not None and level.uses_rng:
                 rng_out[lvl] = capture_rng(x.device)
-            new[lvl] = alphas[lvl] * old[lvl] + level(*self._level_inputs(lvl, x, new, old))
+            new[lvl] = alphas[lvl] * old[lvl] + level(*self.level_inputs(lvl, x, new, old))
         return new[0], new[1], new[2], new[3]
-
-    def _reverse(self, x: torch.Tensor, new_values: list[torch.Tensor], step: ReverseStep) -> tuple[torch.Tensor, ...]:
-        """Reconstructs this column's input from its output, level 3 down to 0, back-propagating as it goes.
-
-        Every tensor crossing a level boundary is a fresh leaf, so each level's small graph is freed right after
-        its backward; gradients w.r.t. the leaves are read from ``.grad`` and passed on.
-        """
-        grads = step.output_grads
-        alphas = self.alphas()
-        x_leaf = x.detach().requires_grad_()
-        new = [v.detach().requires_grad_() for v in new_values]
-        old: list[Any] = [None] * 4
-        for lvl in (3, 2, 1, 0):
-            level = self.levels()[lvl]
-            if step.rng[lvl] is not None:
-                restore_rng(step.rng[lvl], x.device)
-            below, above, top = self._level_inputs(lvl, x_leaf, new, old)
-            branch = level(below, above, top)
-            if step.first:
-                # The first column starts from zeros: nothing to reconstruct.
-                old[lvl] = torch.zeros((), dtype=new[lvl].dtype, device=new[lvl].device, requires_grad=True)
-            else:
-                with torch.no_grad():
-                    restored = (new[lvl].detach() - branch.detach()) / alphas[lvl].detach()
-                old[lvl] = restored.requires_grad_()
-            out = alphas[lvl] * old[lvl] + branch
-            grad = grads[lvl] if new[lvl].grad is None else grads[lvl] + new[lvl].grad
-            torch.autograd.backward(out, grad)
-        step.x_grad = x_leaf.grad if x_leaf.grad is not None else torch.zeros_like(x)
-        step.input_grads = [o.grad if o.grad is not None else torch.zeros_like(o) for o in old]
-        return tuple(o.detach() for o in old)
-
 
 class Classifier(nn.Module):
     """Global average pool → LayerNorm → Linear."""
@@ -334,6 +302,12 @@ class RevCol(nn.Module):
             decoders after the first three of them (see :func:`revcol.compound_loss`).
         top_branch: RevCol-H's extra fusion branch from the previous column's top level into level 0.
         head_init_scale: scale the freshly initialized classifier weights and bias by this (finetuning).
+        channels_last: run on channels-last (NHWC-strided) activations, so the permutes around the ConvNeXt
+            blocks' LayerNorm and MLP are views rather than copies. Weights and ``state_dict`` are unchanged.
+        keep_last_column: (reversible) keep the last column's activations for backward instead of recomputing
+            them: one column's activations more (still independent of ``num_subnet``), one column's forward
+            less per step. Off, with ``channels_last`` off, is the reference path ``benchmarks/model_speed.py``
+            compares against.
     """
 
     def __init__(
@@ -350,6 +324,8 @@ class RevCol(nn.Module):
         intersup: bool = False,
         top_branch: bool = False,
         head_init_scale: float | None = None,
+        channels_last: bool = True,
+        keep_last_column: bool = True,
     ) -> None:
         super().__init__()
         channels, layers = tuple(int(c) for c in channels), tuple(int(n) for n in layers)
@@ -357,6 +333,7 @@ class RevCol(nn.Module):
         self.channels, self.layers, self.num_subnet = channels, layers, num_subnet
         self.num_classes, self.num_features = num_classes, channels[-1]
         self.reversible, self.intersup = reversible, intersup
+        self.channels_last, self.keep_last_column = channels_last, keep_last_column
         self.feature_info = [
             {"num_chs": ch, "reduction": 4 * 2**lvl, "module": f"subnet{num_subnet - 1}.level{lvl}"}
             for lvl, ch in enumerate(channels)
@@ -475,18 +452,30 @@ class RevCol(nn.Module):
         return {name for name, _ in self.named_parameters() if name.endswith(".gamma") or ".alpha" in name}
 
     # ------------------------------------------------------------------------------------------------ forward
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # convolutions and pointwise ops keep the layout
+        return self.stem(x)
+
     def _run_columns(self, x: torch.Tensor, taps: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Runs every column from the stem output; returns the last state and the tapped columns' ``c3``."""
+        """Runs every column from the stem output; returns the last state and the tapped columns' ``c3``.
+
+        Reversible: the columns up to the last (or all of them, without ``keep_last_column``) run in
+        :class:`ReversibleColumns`, the rest with ordinary autograd, which keeps its activations.
+        """
         columns = self.columns()
+        state: tuple[torch.Tensor, ...] = tuple(x.new_zeros(()) for _ in range(4))
+        tapped: list[torch.Tensor] = []
+        recomputed = 0
         params_need_grad = any(p.requires_grad for column in columns for p in column.parameters())
         if self.reversible and torch.is_grad_enabled() and (x.requires_grad or params_need_grad):
+            recomputed = len(columns) - 1 if self.keep_last_column else len(columns)
+        if recomputed:
             replay_rng = self.training and any(lvl.uses_rng for col in columns for lvl in col.levels())
-            out = _reversible_columns(columns, taps, replay_rng, x)
-            return list(out[:4]), list(out[4:])
-        state: tuple[torch.Tensor, ...] = tuple(x.new_zeros(()) for _ in range(4))
-        tapped = []
-        for i, column in enumerate(columns):
-            state = column(x, *state)
+            out = _reversible_columns(columns[:recomputed], taps, replay_rng, x)
+            state, tapped = out[:4], list(out[4:])
+        for i in range(recomputed, len(columns)):
+            state = columns[i](x, *state)
             if i in taps:
                 tapped.append(state[3])
         return list(state), tapped
@@ -500,7 +489,7 @@ class RevCol(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Multi-level feature maps of the last column, strides 4, 8, 16, 32 (for detection/segmentation)."""
-        state, _ = self._run_columns(self.stem(x), ())
+        state, _ = self._run_columns(self._stem(x), ())
         return state
 
     def forward_head(self, features: list[torch.Tensor] | torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -520,7 +509,7 @@ class RevCol(nn.Module):
         With ``intersup`` the four classifiers see the columns ``num_subnet//4``, ``2·num_subnet//4``, … and
         the decoders the first three of those; without it this is ``forward`` with the features attached.
         """
-        state, tapped = self._run_columns(self.stem(x), self._taps())
+        state, tapped = self._run_columns(self._stem(x), self._taps())
         if not self.intersup:
             return ColumnOutputs(logits=[self.cls(state[3])], reconstructions=[], features=state)
         tops = [*tapped, state[3]]

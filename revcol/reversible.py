@@ -14,7 +14,10 @@ which are reconstructed first (3, 2, 1, 0). So every column's input can be recom
 (plus RNG states to replay drop-path masks). In backward it walks the columns from last to first, each time
 recomputing the level outputs with grad enabled, reconstructing the column's input and back-propagating one
 level at a time. Activation memory therefore does not grow with the number of columns (the official
-implementation keeps every column's outputs, ~11.5 MB per column for RevCol-T at batch 8).
+implementation keeps every column's outputs, ~11.5 MB per column for RevCol-T at batch 8). By default the model
+(``RevCol.keep_last_column``) hands only the columns before the last to :class:`ReversibleColumns` and runs the
+last one with ordinary autograd: its activations are the last to be produced and the first backward needs, so
+keeping them costs one column's memory (constant in the number of columns) and saves recomputing it.
 
 The per-column work is done by calling the column module itself (``column(x, *state, reverse=...)``), never
 its internals, so module hooks fire in both directions: DeepSpeed ZeRO-3 gathers partitioned parameters in
@@ -31,7 +34,9 @@ import torch
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ReverseStep", "ReversibleColumns", "RngState", "capture_rng", "restore_rng"]
+    from revcol.model import Column
+
+__all__ = ["ReverseStep", "ReversibleColumns", "RngState", "capture_rng", "restore_rng", "reverse_column"]
 
 
 @dataclass
@@ -71,6 +76,40 @@ class ReverseStep:
     first: bool
     x_grad: torch.Tensor | None = None
     input_grads: list[torch.Tensor | None] = field(default_factory=lambda: [None] * 4)
+
+
+def reverse_column(
+    column: Column, x: torch.Tensor, new_values: list[torch.Tensor], step: ReverseStep
+) -> tuple[torch.Tensor, ...]:
+    """Reconstructs ``column``'s input from its output, level 3 down to 0, back-propagating as it goes.
+
+    Called from ``column.forward(..., reverse=step)`` so that the column's hooks fire. Every tensor crossing a
+    level boundary is a fresh leaf, so each level's small graph is freed right after its backward; gradients
+    w.r.t. the leaves are read from ``.grad`` and passed on.
+    """
+    grads = step.output_grads
+    alphas = column.alphas()
+    levels = column.levels()
+    x_leaf = x.detach().requires_grad_()
+    new = [v.detach().requires_grad_() for v in new_values]
+    old: list[Any] = [None] * 4
+    for lvl in (3, 2, 1, 0):
+        if step.rng[lvl] is not None:
+            restore_rng(step.rng[lvl], x.device)
+        branch = levels[lvl](*column.level_inputs(lvl, x_leaf, new, old))
+        if step.first:
+            # The first column starts from zeros: nothing to reconstruct.
+            old[lvl] = torch.zeros((), dtype=new[lvl].dtype, device=new[lvl].device, requires_grad=True)
+        else:
+            with torch.no_grad():
+                restored = (new[lvl].detach() - branch.detach()) / alphas[lvl].detach()
+            old[lvl] = restored.requires_grad_()
+        out = alphas[lvl] * old[lvl] + branch
+        grad = grads[lvl] if new[lvl].grad is None else grads[lvl] + new[lvl].grad
+        torch.autograd.backward(out, grad)
+    step.x_grad = x_leaf.grad if x_leaf.grad is not None else torch.zeros_like(x)
+    step.input_grads = [o.grad if o.grad is not None else torch.zeros_like(o) for o in old]
+    return tuple(o.detach() for o in old)
 
 
 def _fork_rng(device: torch.device) -> Any:

@@ -225,16 +225,18 @@ def test_reversible_input_gradient_and_frozen_stem():
     assert model.subnet0.level0.blocks[0].pwconv1.weight.grad is not None
 
 
-def test_recomputation_calls_modules_so_hooks_fire():
-    model = revcol.create_model("revcol_test", num_classes=3)
+@pytest.mark.parametrize("keep_last_column", [False, True])
+def test_recomputation_calls_modules_so_hooks_fire(keep_last_column):
+    model = revcol.create_model("revcol_test", num_classes=3, keep_last_column=keep_last_column)
     calls = {"level": 0, "column": 0}
     for module in model.modules():
         if type(module).__name__ in ("Level", "Column"):
             key = type(module).__name__.lower()
             module.register_forward_pre_hook(lambda *_, k=key: calls.__setitem__(k, calls[k] + 1))
     model(torch.randn(1, 3, 32, 32)).sum().backward()
-    # forward once, then again in backward to reconstruct/recompute
-    assert calls == {"level": 2 * 4 * model.num_subnet, "column": 2 * model.num_subnet}
+    # forward once, then again in backward to reconstruct/recompute (all but a kept last column)
+    recomputed = model.num_subnet - keep_last_column
+    assert calls == {"level": 4 * (model.num_subnet + recomputed), "column": model.num_subnet + recomputed}
 
 
 def test_autocast_bf16_reversible_close_to_plain():

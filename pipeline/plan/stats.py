@@ -45,7 +45,10 @@ def _model_kwargs(stage: StageConfig) -> dict[str, Any]:
         "intersup": mc.intersup,
         "reversible": mc.reversible,
         "drop_path_rate": mc.drop_path_rate,
-        "overrides": json.dumps(mc.overrides, sort_keys=True),
+        # the speed switches change what is kept for backward, so the trace builds the model with them
+        "overrides": json.dumps(
+            {**mc.overrides, "channels_last": mc.fast_path, "keep_last_column": mc.fast_path}, sort_keys=True
+        ),
     }
 
 

@@ -132,10 +132,14 @@ def _trace_cached(
     # holds two states at most). Three columns show every backward pattern — the last, a middle one (gradients
     # from a successor, reconstruction) and the first — and four with intermediate supervision (three taps, as
     # for any multiple of four); further columns are left out of the trace, their FLOPs added as copies of
-    # column 1. ``all_columns`` traces the full model (tests compare the two).
+    # column 1. A last column kept for backward (``keep_last_column``, the default) runs outside the reversible
+    # part, so that part needs one column more to show every pattern: four columns, or with intermediate heads
+    # eight (the next multiple of four keeps the taps' pattern). ``all_columns`` traces the full model (tests
+    # compare the two).
     arch = json.loads(overrides)
     full_columns = int(arch.get("num_subnet", VARIANTS[name]["num_subnet"]))
-    columns = 4 if intersup else 3
+    keep_last = reversible and arch.get("keep_last_column", True)
+    columns = (8 if keep_last else 4) if intersup else (4 if keep_last else 3)
     if (reversible or not train) and full_columns > columns and not all_columns:
         arch["num_subnet"] = columns
     else:

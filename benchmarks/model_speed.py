@@ -1,0 +1,94 @@
+"""Train-step time of RevCol's fast path vs the reference path (and vs the non-reversible model), side by side.
+
+RevCol-T widths (channels 64-512, blocks 2-2-4-2), batch 8, 224 px, fp32, CPU, 2 threads, at 1, 2, 4 and 8
+columns. One model per column count (same weights, same input) is switched between the variants below, measured
+interleaved (one step of each, ``--repeats`` times) so that drifting machine load hits all alike; medians:
+
+  * ``reference``: the reversible path as before issue 16 (``channels_last=False, keep_last_column=False``),
+  * ``fast``: the default (both on),
+  * ``channels_last``, ``keep_last_column``: one technique each (``--breakdown``),
+  * ``nonrev_reference``, ``nonrev_fast``: the plain model (every activation kept), NCHW and channels-last.
+
+Prints one JSON object per column count (median seconds per variant and the ratios) and a summary with the
+issue's target: fast <= 0.8x reference at RevCol-T's 4 columns. Memory kept for backward of the fast path (flat
+in the number of columns) is measured by ``benchmarks/model_memory.py``.
+
+    python benchmarks/model_speed.py [--columns 1 2 4 8] [--repeats 5] [--batch 8] [--size 224] [--threads 2]
+        [--breakdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+import revcol
+from revcol.measure import train_step_seconds
+
+REFERENCE = {"reversible": True, "channels_last": False, "keep_last_column": False}
+VARIANTS = {
+    "reference": REFERENCE,
+    "fast": {**REFERENCE, "channels_last": True, "keep_last_column": True},
+    "channels_last": {**REFERENCE, "channels_last": True},
+    "keep_last_column": {**REFERENCE, "keep_last_column": True},
+    "nonrev_reference": {**REFERENCE, "reversible": False},
+    "nonrev_fast": {**REFERENCE, "reversible": False, "channels_last": True},
+}
+
+
+def _loss(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model(images).logsumexp(dim=1).mean()
+
+
+def _step(model: revcol.RevCol, images: torch.Tensor, settings: dict[str, bool]) -> float:
+    for name, value in settings.items():
+        setattr(model, name, value)
+    return train_step_seconds(model, images, _loss)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--columns", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--breakdown", action="store_true", help="also time each technique on its own")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = [n for n in VARIANTS if args.breakdown or n not in ("channels_last", "keep_last_column")]
+    torch.manual_seed(0)
+    images = torch.randn(args.batch, 3, args.size, args.size)
+    rows = {}
+    for cols in args.columns:
+        model = revcol.create_model("revcol_tiny", num_subnet=cols).train()
+        for name in names:
+            _step(model, images, VARIANTS[name])  # warm-up: allocator, oneDNN primitives
+        seconds: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(args.repeats):
+            for name in names:
+                seconds[name].append(_step(model, images, VARIANTS[name]))
+        step_s = {name: statistics.median(s) for name, s in seconds.items()}
+        row = {"measurement": "model_speed", "columns": cols, "batch": args.batch, "size": args.size,
+               "threads": args.threads, "repeats": args.repeats,
+               **{f"{name}_step_s": round(s, 4) for name, s in step_s.items()},
+               **{f"{name}_over_reference": round(step_s[name] / step_s["reference"], 3)
+                  for name in names if name != "reference"},
+               "fast_over_nonrev_reference": round(step_s["fast"] / step_s["nonrev_reference"], 3),
+               "fast_over_nonrev_fast": round(step_s["fast"] / step_s["nonrev_fast"], 3)}
+        rows[cols] = row
+        print(json.dumps(row), flush=True)
+    summary: dict[str, object] = {
+        "measurement": "model_speed_summary",
+        "fast_over_reference": {c: r["fast_over_reference"] for c, r in rows.items()},
+        "fast_over_nonrev_reference": {c: r["fast_over_nonrev_reference"] for c, r in rows.items()},
+        "targets": {"fast_over_reference at 4 columns (RevCol-T)": "<= 0.8"},
+    }
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()
