@@ -359,6 +359,8 @@ class Recipe(_Section):
                 raise ValueError(
                     f"stages.{i}.init_from: {ref!r} is neither an earlier stage ({seen or 'none'}) nor a URI"
                 )
+            if ref is not None and ref not in seen and "://" not in ref:
+                stage.init_from = str(_absolute(ref))  # a local weights path, read by the workers
             if stage.weights == "ema" and (ref not in seen or self.stage(ref).regularize.ema_decay is None):
                 raise ValueError(f"stages.{i}.weights: 'ema', but init_from {ref!r} is not an earlier stage that keeps "
                                  "an EMA (regularize.ema_decay)")

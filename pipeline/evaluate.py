@@ -232,7 +232,8 @@ def evaluate_file(
     check_inputs(stage.data, recipe.s3, splits=("val",))  # bad shards fail here, before Ray starts
     try:
         connect_ray()
-        run = evaluate_weights(recipe, stage, {"model": weights}, splits={"test": stage.data}, specs={"model": spec})
+        run = evaluate_weights(recipe, stage, {"model": stage.init_from}, splits={"test": stage.data},
+                               specs={"model": spec})
     finally:
         shutil.rmtree(storage_dir, ignore_errors=True)
     metrics = run.results["test"]["model"]

@@ -234,6 +234,9 @@ def _eval_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, do
     weights = {"raw": init_uri}
     if source is not None and source.ema_export_uri:
         weights["ema"] = source.ema_export_uri
+    if stage.weights not in ("auto", *weights):
+        raise ValueError(f"stages.{stage.name}.weights: {stage.weights!r}, but {stage.init_from!r} exported no "
+                         f"{stage.weights} weights")
     for key, value in {"revcol.init_from": init_uri, "revcol.init_from_run": init_run}.items():
         if value:
             runs.client.set_tag(run_id, key, value)

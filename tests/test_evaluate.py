@@ -106,6 +106,8 @@ def test_weights_key_is_checked_at_load() -> None:
     recipe["stages"][0]["weights"] = "raw"
     with pytest.raises(RecipeError, match="eval stages only"):
         parse_recipe(recipe)
+    local = _two_stages(init_from="exports/w.safetensors")  # read by the workers, in folders of Ray's
+    assert parse_recipe(local).stages[1].init_from == str(Path("exports/w.safetensors").absolute())
 
 
 def test_weights_check_names_what_is_wrong(tmp_path: Path) -> None:
@@ -181,9 +183,9 @@ def test_eval_stage_runs_on_two_workers_and_chooses_on_validation(ray_cluster, s
     assert results["selection"]["ema"]["val/top1"] == pytest.approx(0.25)
 
 
-def _revcol_eval(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", "eval", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+def _revcol_eval(*args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", "eval", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
 
 
 def test_revcol_eval_refuses_bad_input_before_starting_ray(skewed, tmp_path: Path) -> None:
@@ -202,8 +204,9 @@ def test_revcol_eval_local_weights_with_mlflow(skewed, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = _revcol_eval(_export(tmp_path / "w.safetensors", 1), "--data", skewed["test"], "--batch-size", "16",
-                        "--image-size", "32", "--tracking-uri", tracking, "--json")
+    _export(tmp_path / "w.safetensors", 1)
+    proc = _revcol_eval("w.safetensors", "--data", skewed["test"], "--batch-size", "16",  # relative to the cwd
+                        "--image-size", "32", "--tracking-uri", tracking, "--json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["model"] == "revcol_test" and summary["world_size"] == 1  # the model from the export's metadata
