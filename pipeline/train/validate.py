@@ -125,6 +125,8 @@ def eval_func(config: dict[str, Any]) -> dict[str, Any]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL collectives (all_gather_object) use the current device
     shards = {split: ray.train.get_dataset_shard(split) for split in job.splits}
     results: dict[str, dict[str, dict[str, float]]] = {split: {} for split in job.splits}
     for name, uri in job.weights.items():
