@@ -2,7 +2,7 @@
 Ray Train workers — the ``eval`` stage and ``revcol eval`` — and the rule that picks the stage's reported weights.
 
 The driver only checks and schedules: it checks each weights file against its model on the ``meta`` device
-(:func:`pipeline.train.weights.model_spec`, before any resource is taken), builds one eval stream per split split
+(:func:`pipeline.train.weights.model_spec`, before any resource is taken), builds one eval stream per split, divided
 ``scaling.num_workers`` ways, and runs :func:`pipeline.train.validate.eval_func` in a ``TorchTrainer`` with the
 recipe's scaling, as training does (GPUs when ``use_gpu``). Each rank evaluates its part of every stream (every
 sample exactly once) and the counts are all-reduced.
