@@ -103,6 +103,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import os
+
+    from pipeline.evaluate import evaluate_file
+
+    summary = evaluate_file(
+        args.weights, args.data, model=args.model, workers=args.workers, use_gpu=args.gpu,
+        batch_size=args.batch_size, image_size=args.image_size,
+        tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), experiment=args.experiment,
+    )
+    if args.json:
+        print_json(summary)
+        return 0
+    metrics = summary["metrics"]
+    print(f"{summary['weights']} ({summary['model']}, {summary['num_classes']} classes) on {summary['data']}: "
+          f"{int(metrics['val/samples'])} samples, {summary['world_size']} worker(s)")
+    for key in ["val/top1", "val/top5", *sorted(k for k in metrics if k.startswith("val/top1_col"))]:
+        print(f"  {key.removeprefix('val/'):<12} {metrics[key]:.4f}")
+    if summary["run_id"]:
+        print(f"MLflow run {summary['run_id']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="revcol", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -149,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan; take no resources")
     run.add_argument("--json", action="store_true")
     run.set_defaults(func=_cmd_run)
+
+    evaluate = sub.add_parser("eval", help="top-1/5 of a weights file on shards, on Ray Train workers")
+    evaluate.add_argument("weights", help="a .safetensors file or export folder, or an official RevCol .pth "
+                                          "checkpoint; local or s3://")
+    evaluate.add_argument("--data", required=True, help="the shards: a manifest, a folder or an s3:// prefix")
+    evaluate.add_argument("--model", default=None,
+                          help="the RevCol variant (default: the one the weights record; exports of this pipeline do)")
+    evaluate.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    evaluate.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    evaluate.add_argument("--batch-size", type=int, default=128, help="eval batch per worker (default 128)")
+    evaluate.add_argument("--image-size", type=int, default=None, help="input resolution (default: the model's)")
+    evaluate.add_argument("--tracking-uri", default=None,
+                          help="MLflow tracking URI for a run of the results (default: $MLFLOW_TRACKING_URI; none: no run)")
+    evaluate.add_argument("--experiment", default="revcol-eval", help="MLflow experiment (default revcol-eval)")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=_cmd_eval)
 
     # Subcommands that live in their own modules register themselves here: each module has
     # `add_parser(subparsers)` which adds its parser and sets `func`. One line per module, in this block.

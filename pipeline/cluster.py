@@ -1,4 +1,5 @@
-"""A real single-node Ray cluster on the loopback interface, for development and for tests.
+"""Ray clusters: joining the one a command runs on (:func:`connect_ray`), and a real single-node cluster on the
+loopback interface for development and tests (:class:`RayHead`).
 
 :class:`RayHead` runs ``ray start --head --block`` with the dashboard (the Jobs API) bound to 127.0.0.1, explicit
 free ports (none in Ray's default worker range 10002–19999, which other Ray instances on the machine use), token
@@ -34,7 +35,7 @@ from typing import IO, Any
 
 from pipeline.services import LOOPBACK, ServiceError, _Service, free_port
 
-__all__ = ["RayHead"]
+__all__ = ["RayHead", "connect_ray"]
 
 logger = logging.getLogger(__name__)
 
@@ -291,3 +292,22 @@ def _stop_survivors(family: list[Any], *, timeout: float) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=timeout)
+
+
+def connect_ray() -> None:
+    """Joins the Ray cluster this process runs on (``ray job submit``, RAY_ADDRESS) or starts a local one on the
+    whole machine (``revcol run``, ``revcol eval``)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return
+    import psutil
+
+    # Ray counts as schedulable memory only what is free at start minus its object store (15 of 24 GiB here):
+    # a recipe sized for the machine (scaling.memory_per_worker_gb) would wait forever. This cluster is the
+    # whole machine, and `revcol plan` (checked before) guards what fits in it.
+    ray.init(num_cpus=max(2, psutil.cpu_count() or 2), include_dashboard=False, log_to_driver=True,
+             _memory=psutil.virtual_memory().total)

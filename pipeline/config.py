@@ -305,6 +305,10 @@ class StageConfig(_Section):
     """Checkpoint and validation intervals."""
     init_from: str | None = None
     """Weights to start from: an earlier stage's name, or a URI (folder, ``s3://``, ``.safetensors``)."""
+    weights: Literal["auto", "raw", "ema"] = "auto"
+    """Eval stages: which of the source's raw and EMA weights is the stage's result (both are evaluated). ``auto``:
+    the one with the higher top-1 on the source stage's own validation data (its ``data.val``; raw when it keeps
+    no EMA, has no validation data, or validates on this stage's shards) — never the score on this stage's data."""
 
     @model_validator(mode="after")
     def _defaults_and_checks(self) -> StageConfig:
@@ -316,6 +320,8 @@ class StageConfig(_Section):
             raise ValueError(f"a {self.kind} stage needs data.train")
         if self.kind == "eval" and self.data.val is None:
             raise ValueError("an eval stage needs data.val")
+        if self.kind != "eval" and self.weights != "auto":
+            raise ValueError(f"weights: {self.weights!r} applies to eval stages only")
         return self
 
 
@@ -356,6 +362,11 @@ class Recipe(_Section):
                 raise ValueError(
                     f"stages.{i}.init_from: {ref!r} is neither an earlier stage ({seen or 'none'}) nor a URI"
                 )
+            if ref is not None and ref not in seen and "://" not in ref:
+                stage.init_from = str(_absolute(ref))  # a local weights path, read by the workers
+            if stage.weights == "ema" and (ref not in seen or self.stage(ref).regularize.ema_decay is None):
+                raise ValueError(f"stages.{i}.weights: 'ema', but init_from {ref!r} is not an earlier stage that keeps "
+                                 "an EMA (regularize.ema_decay)")
             seen.append(stage.name)
         return self
 

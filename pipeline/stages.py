@@ -203,8 +203,29 @@ def _train_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, d
     )
 
 
+def _selection_data(recipe: Recipe, stage: StageConfig) -> tuple[Any, str | None]:
+    """The source stage's validation data, on which ``weights: auto`` chooses between raw and EMA, or why there
+    is none: ``(DataConfig, None)`` or ``(None, reason)``."""
+    from pipeline.data.stream import resolve_shards
+
+    if stage.init_from not in [s.name for s in recipe.stages]:
+        return None, f"init_from {stage.init_from!r} is a weights URI, not a stage with validation data"
+    source = recipe.stage(stage.init_from)
+    if source.data.val is None:
+        return None, f"source stage {source.name!r} has no validation data (data.val)"
+    if resolve_shards(source.data.val, s3_cfg=recipe.s3).fingerprint == \
+            resolve_shards(stage.data.val, s3_cfg=recipe.s3).fingerprint:
+        logger.warning("stage %s validates on the shards eval stage %s tests on: choosing raw or EMA there would "
+                       "choose on the test split; reporting raw (give %s a validation split of its own)",
+                       source.name, stage.name, source.name)
+        return None, f"source stage {source.name!r} validates on this stage's test shards"
+    return source.data, None
+
+
 def _eval_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, done: dict[str, StageOutcome]) -> StageOutcome:
-    from pipeline.evaluate import evaluate_stage
+    """Raw and EMA weights of the source on the stage's ``data.val`` (the test split), on Ray Train workers; the
+    reported one chosen by ``stage.weights`` (:func:`pipeline.evaluate.choose_weights`), never by these scores."""
+    from pipeline.evaluate import check_weights, choose_weights, evaluate_weights, stage_metrics
 
     init_uri, init_run = _resolve_init(recipe, stage, done)
     if init_uri is None:
@@ -213,21 +234,38 @@ def _eval_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, do
     weights = {"raw": init_uri}
     if source is not None and source.ema_export_uri:
         weights["ema"] = source.ema_export_uri
+    if stage.weights not in ("auto", *weights):
+        raise ValueError(f"stages.{stage.name}.weights: {stage.weights!r}, but {stage.init_from!r} exported no "
+                         f"{stage.weights} weights")
     for key, value in {"revcol.init_from": init_uri, "revcol.init_from_run": init_run}.items():
         if value:
             runs.client.set_tag(run_id, key, value)
+    specs = check_weights(recipe, stage, weights)
+    splits = {"test": stage.data}
+    selection, no_selection = None, None
+    if stage.weights == "auto" and "ema" in weights:
+        selection, no_selection = _selection_data(recipe, stage)
+    if selection is not None:
+        splits["selection"] = selection
     start = time.perf_counter()
-    results = evaluate_stage(recipe, stage, weights)
+    run = evaluate_weights(recipe, stage, weights, splits=splits, specs=specs)
     seconds = time.perf_counter() - start
-    best = max(results, key=lambda name: results[name]["val/top1"])
-    metrics = {**results[best]}
-    for name, values in results.items():
-        metrics.update({f"{name}/{k}": v for k, v in values.items() if not isinstance(v, dict)})
+    choice = choose_weights(stage.weights, available=list(weights), selection=run.results.get("selection"),
+                            no_selection=no_selection)
+    logger.info("eval %s reports the %s weights (weights: %s): %s", stage.name, choice.weights, choice.rule,
+                choice.reason)
+    metrics = stage_metrics(run, choice)
     runs.client.log_batch(run_id, metrics=_metric_list(metrics, step=0))
-    _log_json_artifact(runs, run_id, {"weights": weights, "results": results, "best": best}, "eval_results.json")
+    runs.client.set_tag(run_id, "revcol.weights", choice.weights)
+    runs.client.set_tag(run_id, "revcol.weights_reason", f"{choice.rule}: {choice.reason}")
+    _log_json_artifact(runs, run_id, {
+        "weights": weights, "results": run.results["test"], "selection": run.results.get("selection"),
+        "reported": choice.weights, "choice": asdict(choice), "world_size": run.world_size,
+        "worker_pids": run.worker_pids,
+    }, "eval_results.json")
     return StageOutcome(stage=stage.name, kind=stage.kind, status="FINISHED", run_id=run_id, seconds=seconds,
-                        samples_per_s=results[best].get("samples_per_s"),
-                        metrics={k: v for k, v in metrics.items() if isinstance(v, float)})
+                        samples_per_s=run.results["test"][choice.weights]["val/samples_per_s"],
+                        metrics={k: float(v) for k, v in metrics.items()})
 
 
 def _metric_list(metrics: dict[str, Any], *, step: int) -> list[Any]:
@@ -247,32 +285,14 @@ def _log_json_artifact(runs: _Runs, run_id: str, obj: Any, name: str) -> None:
         runs.client.log_artifact(run_id, str(path))
 
 
-def _connect_ray(recipe: Recipe) -> None:
-    """Joins the Ray cluster this process runs on (``ray job submit``, RAY_ADDRESS) or starts a local one."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-        return
-    import psutil
-
-    # Ray counts as schedulable memory only what is free at start minus its object store (15 of 24 GiB here):
-    # a recipe sized for the machine (scaling.memory_per_worker_gb) would wait forever. This cluster is the
-    # whole machine, and `revcol plan` (checked before) guards what fits in it.
-    ray.init(num_cpus=max(2, psutil.cpu_count() or 2), include_dashboard=False, log_to_driver=True,
-             _memory=psutil.virtual_memory().total)
-
-
 def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> list[StageOutcome]:
     """Runs the recipe's stages (or the named subset) in order; returns one outcome per stage.
 
     Raises:
         RuntimeError: a stage failed (its MLflow run and the parent are marked FAILED; re-running resumes it).
     """
+    from pipeline.cluster import connect_ray
+
     _check_stage_names(recipe, stages)
     # GPU memory, or the host memory the recipe is sized for, is a hard limit: refuse a misfit before taking
     # any resource (`revcol plan` tells the same, with what to change).
@@ -295,7 +315,7 @@ def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> list[Sta
             continue
         if stages and stage.name not in stages:
             continue
-        _connect_ray(recipe)
+        connect_ray()
         run_id = runs.stage_run(stage)
         logger.info("stage %s (%s): MLflow run %s", stage.name, stage.kind, run_id)
         try:

@@ -31,7 +31,7 @@ def _imported(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedPro
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["shards", "write"], ["shards", "verify"], ["run"], ["plan"],
-                                     ["compare"]], ids=lambda c: " ".join(c) or "revcol")
+                                     ["compare"], ["eval"]], ids=lambda c: " ".join(c) or "revcol")
 def test_help_imports_no_heavy_library(command: list[str]) -> None:
     proc, modules = _imported(*command, "--help")
     assert proc.returncode == 0 and "usage: revcol" in proc.stdout

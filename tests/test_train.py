@@ -18,6 +18,7 @@ from pipeline.config import DataConfig, parse_recipe
 from pipeline.services import MLflowServer
 from pipeline.tracking import start_run
 from pipeline.train.launch import fit_stage, run_name
+from pipeline.train.weights import model_spec
 
 pytestmark = pytest.mark.slow
 
@@ -113,6 +114,8 @@ def test_zero3_stage_with_mlflow_server_and_s3_storage(digits, mlflow_server, s3
     body = s3_server.client().get_object(Bucket=s3_bucket, Key=exports[-1])["Body"].read()
     model = revcol.create_model("revcol_test", num_classes=10, intersup=True)
     model.load_state_dict(load(body))  # consolidated, loadable without DeepSpeed
+    spec = model_spec(f"s3://{s3_bucket}/{exports[-1]}")  # the export records its model (header only, from S3)
+    assert (spec.name, spec.num_classes, spec.intersup) == ("revcol_test", 10, True)
     body = s3_server.client().get_object(Bucket=s3_bucket, Key=exports[-1].replace("model.", "ema."))["Body"].read()
     ema = load(body)
     assert set(ema) == set(model.state_dict()) - {k for k, _ in model.named_buffers()}

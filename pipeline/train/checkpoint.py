@@ -76,9 +76,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def export_weights(engine: Any, path: Path) -> None:
+def export_weights(engine: Any, path: Path, *, metadata: dict[str, str] | None = None) -> None:
     """The model's full weights (without the training objective's ``model.`` prefix) as safetensors at ``path``,
-    written by rank 0; a collective under ZeRO-3 (call on every rank).
+    written by rank 0, with ``metadata`` in its header; a collective under ZeRO-3 (call on every rank).
 
     Under ZeRO-3 the file is written one parameter at a time, each gathered only while its bytes are written:
     safetensors' layout (a JSON header of names, shapes and byte ranges, then the raw tensors) is known from
@@ -88,9 +88,9 @@ def export_weights(engine: Any, path: Path) -> None:
     rank = engine.global_rank
     if engine.zero_optimization_stage() != 3:
         if rank == 0:
-            save_file({name: t.detach().cpu().contiguous() for name, t in tensors}, path)
+            save_file({name: t.detach().cpu().contiguous() for name, t in tensors}, path, metadata=metadata)
         return
-    header: dict[str, Any] = {}
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, t in tensors:
         size = _numel(t) * t.element_size()
@@ -123,10 +123,12 @@ def _numel(t: torch.Tensor) -> int:
 
 
 def save_checkpoint(
-    engine: Any, folder: Path, state: TrainerState, *, ema: ShardedEma | None, export: bool, optimizer_state: bool = True
+    engine: Any, folder: Path, state: TrainerState, *, ema: ShardedEma | None, export: bool, optimizer_state: bool = True,
+    export_metadata: dict[str, str] | None = None,
 ) -> None:
     """Writes this rank's part of a checkpoint into ``folder`` (collective: call on every rank). Without
-    ``optimizer_state`` the checkpoint holds the consolidated weights instead of DeepSpeed's state."""
+    ``optimizer_state`` the checkpoint holds the consolidated weights instead of DeepSpeed's state.
+    ``export_metadata`` goes into the exported files' headers (the model they hold, for ``revcol eval``)."""
     rank = engine.global_rank
     folder.mkdir(parents=True, exist_ok=True)
     if optimizer_state:
@@ -135,14 +137,14 @@ def save_checkpoint(
     ema_full = ema.full_state_dict() if ema is not None else None
     if export or not optimizer_state:
         (folder / "export").mkdir(exist_ok=True)
-        export_weights(engine, folder / "export" / "model.safetensors")
+        export_weights(engine, folder / "export" / "model.safetensors", metadata=export_metadata)
     if rank != 0:
         return
     (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
     if ema_full is not None:
         save_file(ema_full, folder / "ema.safetensors")
         if export:
-            save_file(ema_full, folder / "export" / "ema.safetensors")
+            save_file(ema_full, folder / "export" / "ema.safetensors", metadata=export_metadata)
 
 
 def load_checkpoint(engine: Any, folder: Path, *, ema: ShardedEma | None) -> TrainerState:

@@ -10,9 +10,33 @@ from pipeline.config import Recipe, StageConfig
 from pipeline.train.loop import StageJob, train_func
 from pipeline.train.run_folder import read_file, run_name, run_url
 
-__all__ = ["fit_stage", "run_name"]
+__all__ = ["fit_stage", "run_name", "scaling_config"]
 
 logger = logging.getLogger(__name__)
+
+
+def scaling_config(recipe: Recipe) -> Any:
+    """The ``ray.train.ScalingConfig`` of the recipe's ``scaling`` section: training and evaluation runs alike.
+
+    Raises:
+        ValueError: the memory asked for per worker exceeds what the cluster can schedule (Ray would wait forever).
+    """
+    import ray
+    import ray.train
+
+    sc = recipe.scaling
+    resources = {"CPU": sc.cpus_per_worker}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    if sc.memory_per_worker_gb:
+        resources["memory"] = sc.memory_per_worker_gb * 2**30
+        offered = ray.cluster_resources().get("memory", 0)
+        if resources["memory"] * sc.num_workers > offered:
+            raise ValueError(
+                f"scaling.memory_per_worker_gb={sc.memory_per_worker_gb} x {sc.num_workers} workers, but the Ray "
+                f"cluster offers {offered / 2**30:.1f} GiB of schedulable memory: lower it or add nodes"
+            )
+    return ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources)
 
 
 def fit_stage(
@@ -37,17 +61,6 @@ def fit_stage(
     from pipeline.data.stream import train_data_config
 
     sc = recipe.scaling
-    resources = {"CPU": sc.cpus_per_worker}
-    if sc.use_gpu:
-        resources["GPU"] = sc.gpus_per_worker
-    if sc.memory_per_worker_gb:
-        resources["memory"] = sc.memory_per_worker_gb * 2**30
-        offered = ray.cluster_resources().get("memory", 0)
-        if resources["memory"] * sc.num_workers > offered:  # Ray would wait for it forever
-            raise ValueError(
-                f"scaling.memory_per_worker_gb={sc.memory_per_worker_gb} x {sc.num_workers} workers, but the Ray "
-                f"cluster offers {offered / 2**30:.1f} GiB of schedulable memory: lower it or add nodes"
-            )
     path, filesystem = storage.ray_storage(recipe.storage_path, s3=recipe.s3)
     job = StageJob(
         recipe=recipe.model_dump(mode="json", exclude={"s3": {"access_key_id", "secret_access_key"}}),
@@ -63,9 +76,7 @@ def fit_stage(
     trainer = TorchTrainer(
         train_func,
         train_loop_config=job.to_dict(),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=scaling_config(recipe),
         run_config=ray.train.RunConfig(
             name=run_name(recipe, stage),
             storage_path=path,

@@ -8,6 +8,7 @@ Side work (logging, checkpoints, evaluation) runs on intervals, outside the step
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import random
@@ -32,6 +33,8 @@ from pipeline.train.ema import ShardedEma
 from pipeline.train.engine import Objective, build_engine, build_model, deepspeed_config, largest_param
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
 from pipeline.train.run_folder import keep_best, latest_checkpoint, write_file
+from pipeline.train.validate import evaluate_stream
+from pipeline.train.weights import MODEL_METADATA_KEY
 
 __all__ = ["StageJob", "train_func"]
 
@@ -117,34 +120,19 @@ def _mixup(stage: StageConfig, num_classes: int) -> Any:
 
 
 def _evaluate(engine: Any, shard: Any, batch_size: int) -> dict[str, float]:
-    """Top-1/top-5 (and per column) over the validation stream: every sample once, every rank the same number
-    of forwards (ZeRO-3 gathers parameters collectively), padding and bad rows masked out."""
-    import torch.distributed as dist
-
+    """Validation of the engine's model over this rank's part of the validation stream (:func:`evaluate_stream`;
+    every rank the same number of forwards, as ZeRO-3 gathers parameters collectively)."""
     from pipeline.data.stream import iter_eval_batches
 
-    # On the engine's device: NCCL reduces only GPU tensors.
-    totals = torch.zeros(3 + 8, dtype=torch.float64, device=engine.device)  # correct@1, @5, count, per column …
-    columns = 1
     engine.eval()
-    with torch.no_grad():
-        for batch in iter_eval_batches(shard, batch_size=batch_size, device=engine.device):
-            labels, valid = batch["label"].long(), batch["valid"].bool()
-            _, logits = engine(batch["image"], labels.clamp_min(0))
-            columns = len(logits)
-            top5 = logits[-1].float().topk(min(5, logits[-1].shape[1]), dim=1).indices
-            totals[0] += ((top5[:, 0] == labels) & valid).sum()
-            totals[1] += ((top5 == labels[:, None]).any(1) & valid).sum()
-            totals[2] += valid.sum()
-            for k, col in enumerate(logits[:8]):
-                totals[3 + k] += ((col.argmax(1) == labels) & valid).sum()
-    engine.train()
-    dist.all_reduce(totals)
-    n = max(totals[2].item(), 1.0)
-    metrics = {"val/top1": totals[0].item() / n, "val/top5": totals[1].item() / n}
-    if columns > 1:
-        metrics.update({f"val/top1_col{k}": totals[3 + k].item() / n for k in range(columns)})
-    return metrics
+    try:
+        return evaluate_stream(
+            lambda batch: engine(batch["image"], batch["label"].long().clamp_min(0))[1],
+            iter_eval_batches(shard, batch_size=batch_size, device=engine.device),
+            columns=len(engine.module.model.classifiers()), device=engine.device,
+        )
+    finally:
+        engine.train()
 
 
 def _merged_position(position: StreamPosition) -> dict[str, Any]:
@@ -228,6 +216,7 @@ def train_func(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val") if stage.data.val is not None else None
     interval = stage.checkpoint.interval_steps
     proc = psutil.Process()
+    export_metadata = {MODEL_METADATA_KEY: json.dumps({"name": stage.model.name, "overrides": stage.model.overrides})}
 
     def report(metrics: dict[str, float], *, export: bool = False) -> None:
         state.stream = _merged_position(position)
@@ -238,7 +227,7 @@ def train_func(config: dict[str, Any]) -> None:
             state.best_top1 = top1
         with tempfile.TemporaryDirectory(prefix="revcol-ckpt-") as tmp:
             save_checkpoint(engine, Path(tmp), state, ema=ema, export=export,
-                            optimizer_state=stage.checkpoint.optimizer_state)
+                            optimizer_state=stage.checkpoint.optimizer_state, export_metadata=export_metadata)
             ray.train.report(
                 {**metrics, "step": state.step, "epoch": state.epoch},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
