@@ -299,6 +299,11 @@ def test_nodes_install_the_pinned_release(path: Path) -> None:
     assert '"revcol-pipeline @ git+https://github.com/${REVCOL_REPO}.git@${REVCOL_VERSION}"' in install
     assert "-c \"https://raw.githubusercontent.com/${REVCOL_REPO}/${REVCOL_VERSION}/constraints.txt\"" in install
     assert f"ray.__version__ == '{RAY_VERSION}'" in install
+    # no node compiles DeepSpeed's ops at run time; the NVMe offload op links libaio
+    commands = config["setup_commands"]
+    (pip,) = [i for i, c in enumerate(commands) if "pip install" in c]
+    (libaio,) = [i for i, c in enumerate(commands) if "apt-get install -y -q libaio-dev" in c]
+    assert commands[-1] == "python -m pipeline.setup_ops" and pip < len(commands) - 1 and libaio < len(commands) - 1
 
 
 def test_aws_shapes_match_clusters_yaml() -> None:
@@ -507,6 +512,10 @@ def test_ray_and_image_versions_are_the_pinned_ones() -> None:
     assert f"ARG RAY_VERSION={RAY_VERSION}\n" in dockerfile
     assert "FROM rayproject/ray:${RAY_VERSION}-py311-gpu" in dockerfile
     assert "-c constraints.txt" in dockerfile
+    # ... with DeepSpeed's ops built into the image (libaio first, for the NVMe offload op), as `make install` does
+    assert dockerfile.index("apt-get install -y -q --no-install-recommends libaio-dev") < dockerfile.index(
+        "pip install --no-cache-dir -c constraints.txt ."
+    ) < dockerfile.index("&& python -m pipeline.setup_ops")
     # ... at the project release the `ray up` clusters install.
     for path in RAY_CLUSTER_FILES:
         assert _docker_env(_load(path))["REVCOL_VERSION"] == "v" + tag.removesuffix(f"-ray{RAY_VERSION}")
