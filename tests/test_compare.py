@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -271,3 +273,62 @@ def test_cli_errors_exit_2(runs: Runs, tmp_path: Path, capsys: pytest.CaptureFix
     assert cli.main(argv) == 2
     assert message.format(**names) in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written on error
+
+
+# ----------------------------------------------------------------------------------------------- the HTML report
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's headless-capable ``chromium``, installed with apt-get (sudo when not root) when absent."""
+    found = shutil.which("chromium")
+    if found is None:
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        install = [*sudo, "apt-get", "install", "-y", "-q", "chromium"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+            subprocess.run([*sudo, "apt-get", "update", "-q"], env=env, check=True, capture_output=True)
+            subprocess.run(install, env=env, check=True, capture_output=True)
+        found = shutil.which("chromium")
+    assert found, "chromium is not installed and could not be installed"
+    return found
+
+
+_IMAGE_PROBE = """<script>
+window.addEventListener("load", () => {
+  document.body.setAttribute("data-image-widths", Array.from(document.images, i => i.naturalWidth).join(","));
+});
+</script>"""
+"""Added to a copy of the report: after load, each image's decoded width lands in the DOM that --dump-dom prints."""
+
+
+def _headless(chromium: str, page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           f"--user-data-dir={profile}", "--virtual-time-budget=5000", *args, page.as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_html_report_renders_in_headless_chromium(runs: Runs, tmp_path: Path, chromium: str) -> None:
+    report = tmp_path / "report.html"
+    code = cli.main(["compare", runs.pipe_a, runs.pipe_b, runs.solo_1, "--tracking-uri", runs.uri,
+                     "--out", str(tmp_path / "plots"), "--html", str(report)])
+    assert code == 0 and report.exists()
+    page = report.read_text()
+    assert "<img" in page and 'src="data:image/png;base64,' in page and 'src="/' not in page  # self-contained
+    assert "stages.pretrain.init_from" in page and "s3://w/x" in page  # a differing param, unclipped
+    assert "pipe-a" in page and "solo-1" in page and "train/loss" in page
+
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", _IMAGE_PROBE + "</body>"))
+    dom = _headless(chromium, probe, tmp_path / "profile-dom", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    widths = re.search(r'data-image-widths="([\d,]*)"', dom.stdout)
+    assert widths, dom.stdout[-2000:]
+    assert [int(w) for w in widths.group(1).split(",")] == [800, 800]  # both plots decoded at their size
+
+    shot = tmp_path / "report.png"
+    result = _headless(chromium, report, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,1600")
+    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
+    with Image.open(shot) as image:
+        assert image.size == (1280, 1600)
+        pixels = np.asarray(image.convert("L"), dtype=np.float64)
+    assert pixels.std() > 10  # text, tables and plots drawn, not a blank page
+    assert (pixels < 128).mean() > 0.002  # dark pixels: text and curves

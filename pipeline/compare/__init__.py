@@ -26,18 +26,19 @@ importing MLflow or matplotlib.
 
 Modules: ``selection`` (finding the runs in MLflow, reading their params and metric histories into
 ``subjects``), ``summary`` (differing params, final and best values, the direction rule), ``plots`` (PNG
-curves), ``comparison`` (:func:`compare_runs`, the whole comparison), ``table`` (the text table), ``command``
-(``revcol compare``).
+curves), ``comparison`` (:func:`compare_runs`, the whole comparison), ``table`` (the table's rows and the text
+table), ``report`` (the self-contained HTML report of ``--html``), ``command`` (``revcol compare``).
 
 """
 
 from pipeline.compare.command import add_parser
 from pipeline.compare.comparison import DEFAULT_METRICS, Comparison, compare_runs
 from pipeline.compare.plots import plot_metric
+from pipeline.compare.report import render_html, write_html_report
 from pipeline.compare.selection import CompareError, load_subjects, select_runs
 from pipeline.compare.subjects import Subject
 from pipeline.compare.summary import differing_params, metric_direction, summarize_metrics
-from pipeline.compare.table import format_table
+from pipeline.compare.table import format_table, table_rows
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -51,6 +52,9 @@ __all__ = [
     "load_subjects",
     "metric_direction",
     "plot_metric",
+    "render_html",
     "select_runs",
     "summarize_metrics",
+    "table_rows",
+    "write_html_report",
 ]

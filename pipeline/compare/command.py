@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterable
 
 from pipeline.compare.comparison import DEFAULT_METRICS, compare_runs
+from pipeline.compare.report import write_html_report
 from pipeline.compare.selection import CompareError
 from pipeline.compare.table import format_table
 
@@ -22,7 +23,8 @@ def _default_tracking_uri() -> str:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    """Runs ``revcol compare``: prints the table (or one JSON object with ``--json``) and writes the PNGs.
+    """Runs ``revcol compare``: prints the table (or one JSON object with ``--json``), writes the PNGs and, with
+    ``--html``, the self-contained report.
 
     Args:
         args: the parsed command line.
@@ -57,12 +59,15 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     except MlflowException as err:
         print(f"revcol compare: cannot read runs from {tracking_uri}: {err.message}", file=sys.stderr)
         return 1
+    report = str(write_html_report(comparison, args.html)) if args.html else None
     if args.json:
-        print_json(comparison.to_json())
+        print_json({**comparison.to_json(), "html": report})
     else:
         print(format_table(comparison))
         for metric, path in comparison.pngs.items():
             print(f"plot {metric}: {path}")
+        if report:
+            print(f"report: {report}")
     return 0
 
 
@@ -105,6 +110,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--out", default="runs/compare", metavar="DIR", help="folder for the PNGs (default runs/compare)"
+    )
+    parser.add_argument(
+        "--html", default=None, metavar="REPORT.html",
+        help="also write one self-contained HTML report (table, differing params, plots embedded) for sharing",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     parser.set_defaults(func=_cmd_compare)
