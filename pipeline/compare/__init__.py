@@ -6,7 +6,10 @@ What is compared ("subjects"):
   ``mlflow.parentRunId``). Its stages are laid end to end on one step axis, in start-time order: the first stage's
   steps as logged, the next stage's steps shifted by the previous stage's last step, and so on. A stage's last step
   is the highest step of any metric it logged. Its params are the parent's, plus stage-only keys from the children
-  (first stage wins). Metrics logged on the parent run itself are not used.
+  (first stage wins). Metrics logged on the parent run itself are not used. The plots do not chain the stages:
+  each kind of stage (``revcol.kind``) gets its own panel, where the stages of that kind of every subject are
+  overlaid on one x axis (``--x steps|samples|epochs``), e.g. a finetune and its from-scratch baseline; eval stages
+  are bars per weights kind (``raw``, ``ema``).
 * a *run*: any run without child runs, its steps as logged.
 
 Selection (combined as a union, in this order, duplicates dropped):
@@ -33,7 +36,7 @@ table), ``report`` (the self-contained HTML report of ``--html``), ``command`` (
 
 from pipeline.compare.command import add_parser
 from pipeline.compare.comparison import DEFAULT_METRICS, Comparison, compare_runs
-from pipeline.compare.plots import plot_metric
+from pipeline.compare.plots import X_AXES, plot_metric
 from pipeline.compare.report import render_html, write_html_report
 from pipeline.compare.selection import CompareError, load_subjects, select_runs
 from pipeline.compare.subjects import Subject
@@ -42,6 +45,7 @@ from pipeline.compare.table import format_table, table_rows
 
 __all__ = [
     "DEFAULT_METRICS",
+    "X_AXES",
     "Comparison",
     "CompareError",
     "Subject",
