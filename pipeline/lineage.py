@@ -11,8 +11,8 @@
 * the **candidate**: the final finetune export as a version of the registered model named after the recipe, with
   an alias (``tracking.register_alias``, ``candidate`` by default).
 
-Every function here can be called again for the same run (a re-run after a crash): it finds what exists instead of
-adding a second one.
+Called again for the same run (a stage re-run after a crash), the functions that make objects — datasets, model
+inputs, LoggedModels, registered versions — find what exists instead of adding a second one.
 """
 
 from __future__ import annotations
