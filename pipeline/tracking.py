@@ -42,8 +42,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-"""The experiment tag MLflow 3's UI reads to pick its view; ``custom_model_development`` is the model-training view
-(runs, metrics, datasets, models), where an untagged experiment opens in the GenAI view (traces)."""
+"""MLflow 3's type of an experiment; ``custom_model_development`` = model training (runs, datasets, models), not
+GenAI (traces). MLflow 3.17's UI follows a GenAI / Model training switch of its own (in the browser, or
+``?workflowType=machine_learning`` in a link) and reads the tag where that switch is off."""
 _MODEL_TRAINING = "custom_model_development"
 
 _SECRET = re.compile(r"(secret|password|passwd|token|access_key|api_key|credential|private)", re.IGNORECASE)

@@ -49,6 +49,7 @@ def test_chain_runs_every_stage_and_learns(demo):
     assert stages["eval"]["metrics"]["val/top5"] >= stages["eval"]["top1"]
     assert "pretraining gain on held-out digits" in demo["first_out"]
     assert "mlflow ui --backend-store-uri sqlite:///" in demo["first_out"]
+    assert "/#/experiments/1/runs?workflowType=machine_learning" in demo["first_out"]  # the model-training view
 
 
 def test_lineage_is_recorded_in_mlflow(demo):
