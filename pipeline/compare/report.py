@@ -58,12 +58,13 @@ def render_html(comparison: Comparison, *, title: str = "revcol compare") -> str
         for metric, path in comparison.pngs.items()
     ]
     made = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    count = len(comparison.subjects)
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        f'<p class="meta">{len(comparison.subjects)} subjects from {html.escape(comparison.tracking_uri)}, '
+        f'<p class="meta">{count} subject{"" if count == 1 else "s"} from {html.escape(comparison.tracking_uri)}, '
         f"made {html.escape(made)}</p>",
         "<h2>Summary</h2>",
         _table(comparison),
