@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@# DeepSpeed's async I/O op (NVMe offload) links libaio
 	test -e /usr/include/libaio.h || $(SUDO) apt-get install -y -q libaio-dev || \
 		($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q libaio-dev)
+	@# headless Chromium renders `revcol compare --html` reports in the tests
+	command -v chromium >/dev/null || $(SUDO) apt-get install -y -q chromium || \
+		($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
 	$(PY) -m pipeline.setup_ops
 	touch $(STAMP)
 

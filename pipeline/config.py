@@ -59,6 +59,14 @@ class TrackingConfig(_Section):
     server (``http://host:5000``). MLflow 3 refuses plain-folder stores (``mlruns``)."""
     experiment: str | None = None
     """MLflow experiment name; defaults to the recipe ``name``."""
+    system_metrics: bool = True
+    """Log each node's CPU, memory, disk and network use (GPU too, when ``pynvml`` is installed and sees one) to
+    the stage runs as MLflow system metrics (``system/...``, ``system/node<k>/...`` on more than one node)."""
+    system_metrics_interval_s: float = Field(default=10.0, gt=0)
+    """Seconds between two system-metric samples."""
+    register_alias: str | None = "candidate"
+    """Alias of the registered model version made from the final finetune export (model name = the recipe
+    ``name``); null: register nothing."""
 
     @field_validator("uri")
     @classmethod

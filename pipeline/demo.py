@@ -153,8 +153,19 @@ def run_demo(*, workdir: str | Path = "runs/demo", overrides: list[str] | None =
         summary["tracking_uri"] = f"sqlite:///{workdir / 'services' / 'mlflow.db'}"
         summary["storage_path"] = recipe.storage_path
         summary["mlflow_ui"] = f"mlflow ui --backend-store-uri {summary['tracking_uri']}"
+    summary["mlflow_runs_page"] = _runs_page(summary["tracking_uri"], recipe.tracking.experiment or recipe.name)
     _print_summary(summary)
     return summary
+
+
+def _runs_page(tracking_uri: str, experiment: str) -> str:
+    """The experiment's runs in the model-training view of ``mlflow ui`` (default address). MLflow 3.17's UI picks
+    its view from a switch kept in the browser, GenAI unless set; ``workflowType`` in the link sets it."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else "0"
+    return f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -170,4 +181,4 @@ def _print_summary(summary: dict[str, Any]) -> None:
     if stages.get("finetune", {}).get("top1") is not None and stages.get("scratch", {}).get("top1") is not None:
         gain = stages["finetune"]["top1"] - stages["scratch"]["top1"]
         print(f"pretraining gain on held-out digits: {gain:+.2%} top-1 (finetune vs scratch)")
-    print(f"open the runs: {summary['mlflow_ui']}")
+    print(f"open the runs: {summary['mlflow_ui']}, then {summary['mlflow_runs_page']}")

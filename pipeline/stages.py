@@ -7,7 +7,9 @@ idempotent: finished stages are skipped and their outputs reused, an interrupted
 checkpoint (Ray Train resumes a run of the same name), and the same MLflow runs are continued, not duplicated.
 
 Lineage: each child run is tagged with the weights it started from (``revcol.init_from``, ``revcol.init_from_run``)
-and the checkpoint and export it produced (``revcol.checkpoint_uri``, ``revcol.export_uri``).
+and the checkpoint and export it produced (``revcol.checkpoint_uri``, ``revcol.export_uri``); in MLflow 3's own
+terms (:mod:`pipeline.lineage`) its datasets and the model it started from are its inputs, its export a LoggedModel,
+and the final finetune export a registered model version with an alias.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class StageOutcome:
     checkpoint_uri: str | None = None
     export_uri: str | None = None
     ema_export_uri: str | None = None
+    model_id: str | None = None
+    """The export's MLflow LoggedModel."""
     samples_per_s: float | None = None
     seconds: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -71,13 +75,11 @@ class _Runs:
     def __init__(self, recipe: Recipe) -> None:
         from mlflow.tracking import MlflowClient
 
-        from pipeline.tracking import flatten_params, log_new_params
+        from pipeline.tracking import flatten_params, log_new_params, training_experiment
 
         self.uri = recipe.tracking.uri
         self.client = MlflowClient(self.uri)
-        name = recipe.tracking.experiment or recipe.name
-        found = self.client.get_experiment_by_name(name)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(name)
+        self.experiment_id = training_experiment(self.client, recipe.tracking.experiment or recipe.name)
         parents = self.client.search_runs(
             [self.experiment_id], f"tags.`revcol.pipeline` = '{recipe.name}' and tags.`revcol.role` = 'pipeline'",
             order_by=["attributes.start_time DESC"], max_results=1,
@@ -133,6 +135,12 @@ def _resolve_init(recipe: Recipe, stage: StageConfig, done: dict[str, StageOutco
     return stage.init_from, None
 
 
+def _source_models(stage: StageConfig, done: dict[str, StageOutcome]) -> list[str]:
+    """The LoggedModel a stage's weights come from (an earlier stage's export), as a list of ids."""
+    source = done.get(stage.init_from or "")
+    return [source.model_id] if source is not None and source.model_id else []
+
+
 def _check_stage_names(recipe: Recipe, stages: list[str] | None) -> None:
     unknown = [s for s in stages or [] if s not in [st.name for st in recipe.stages]]
     if unknown:
@@ -170,9 +178,11 @@ def plan_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> dict[st
 
 def _train_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, done: dict[str, StageOutcome]) -> StageOutcome:
     from pipeline.data.stream import build_eval_dataset, build_train_dataset, check_inputs
+    from pipeline.lineage import candidate_stage, log_datasets, log_export_model, register_candidate
     from pipeline.train.launch import fit_stage
 
     data = check_inputs(stage.data, recipe.s3)
+    log_datasets(runs.client, run_id, data, models=_source_models(stage, done))
     num_classes = stage.model.num_classes or data["train"].num_classes
     init_uri, init_run = _resolve_init(recipe, stage, done)
     for key, value in {"revcol.init_from": init_uri, "revcol.init_from_run": init_run}.items():
@@ -194,11 +204,18 @@ def _train_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, d
         raise RuntimeError(f"stage {stage.name!r} failed: {result.error}") from result.error
     ckpt = _checkpoint_uri(recipe, result.checkpoint.path)
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    export_uri = f"{ckpt}/export/model.safetensors"
+    ema_export_uri = f"{ckpt}/export/ema.safetensors" if stage.regularize.ema_decay else None
+    model_id = log_export_model(runs.client, experiment_id=runs.experiment_id, run_id=run_id, stage=stage,
+                                step=int(metrics.get("step", 0)), weights_uri=export_uri,
+                                ema_weights_uri=ema_export_uri, num_classes=num_classes, val=data.get("val"))
+    if stage.name == candidate_stage(recipe):
+        register_candidate(runs.client, name=recipe.name, alias=recipe.tracking.register_alias, model_id=model_id,
+                           run_id=run_id)
     client_metrics = runs.client.get_run(run_id).data.metrics
     return StageOutcome(
         stage=stage.name, kind=stage.kind, status="FINISHED", run_id=run_id, checkpoint_uri=ckpt,
-        export_uri=f"{ckpt}/export/model.safetensors",
-        ema_export_uri=f"{ckpt}/export/ema.safetensors" if stage.regularize.ema_decay else None,
+        export_uri=export_uri, ema_export_uri=ema_export_uri, model_id=model_id,
         samples_per_s=client_metrics.get("train/samples_per_s"), seconds=seconds, metrics=metrics,
     )
 
@@ -225,7 +242,10 @@ def _selection_data(recipe: Recipe, stage: StageConfig) -> tuple[Any, str | None
 def _eval_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, done: dict[str, StageOutcome]) -> StageOutcome:
     """Raw and EMA weights of the source on the stage's ``data.val`` (the test split), on Ray Train workers; the
     reported one chosen by ``stage.weights`` (:func:`pipeline.evaluate.choose_weights`), never by these scores."""
+    from pipeline.data.stream import check_inputs
     from pipeline.evaluate import check_weights, choose_weights, evaluate_weights, stage_metrics
+    from pipeline.lineage import log_datasets, log_model_metrics
+    from pipeline.tracking import system_metrics_monitor
 
     init_uri, init_run = _resolve_init(recipe, stage, done)
     if init_uri is None:
@@ -241,21 +261,32 @@ def _eval_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, do
         if value:
             runs.client.set_tag(run_id, key, value)
     specs = check_weights(recipe, stage, weights)
+    data = check_inputs(stage.data, recipe.s3, splits=("val",))
+    models = _source_models(stage, done)
+    log_datasets(runs.client, run_id, data, evaluation=True, models=models)
     splits = {"test": stage.data}
     selection, no_selection = None, None
     if stage.weights == "auto" and "ema" in weights:
         selection, no_selection = _selection_data(recipe, stage)
     if selection is not None:
         splits["selection"] = selection
+    monitor = system_metrics_monitor(recipe.tracking, run_id)
     start = time.perf_counter()
-    run = evaluate_weights(recipe, stage, weights, splits=splits, specs=specs)
+    try:
+        run = evaluate_weights(recipe, stage, weights, splits=splits, specs=specs)
+    finally:
+        if monitor is not None:
+            monitor.finish()
     seconds = time.perf_counter() - start
     choice = choose_weights(stage.weights, available=list(weights), selection=run.results.get("selection"),
                             no_selection=no_selection)
     logger.info("eval %s reports the %s weights (weights: %s): %s", stage.name, choice.weights, choice.rule,
                 choice.reason)
     metrics = stage_metrics(run, choice)
-    runs.client.log_batch(run_id, metrics=_metric_list(metrics, step=0))
+    if models:  # the evaluated export's LoggedModel gets the held-out results, measured on the eval data
+        log_model_metrics(runs.client, run_id, models[0], metrics, step=0, dataset=data["val"])
+    else:
+        runs.client.log_batch(run_id, metrics=_metric_list(metrics, step=0))
     runs.client.set_tag(run_id, "revcol.weights", choice.weights)
     runs.client.set_tag(run_id, "revcol.weights_reason", f"{choice.rule}: {choice.reason}")
     _log_json_artifact(runs, run_id, {

@@ -8,6 +8,9 @@ Only rank 0 logs (the gating is here, not at call sites). The MLflow tracker
   and delivery is retried; whatever is still undelivered when training ends is written to a JSONL file in the
   run's storage folder, and the driver replays it into the run as soon as the server answers again;
 * logs params as the flattened resolved recipe with secrets removed.
+
+Also here, for driver and workers alike: the experiment is created as a model-training experiment
+(:func:`training_experiment`), and :func:`system_metrics_monitor` starts MLflow's own system-metrics sampler.
 """
 
 from __future__ import annotations
@@ -21,9 +24,28 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-__all__ = ["MLflowTracker", "NullTracker", "Tracker", "flatten_params", "log_new_params", "redact", "start_run"]
+from pipeline.config import TrackingConfig
+
+__all__ = [
+    "EXPERIMENT_KIND_TAG",
+    "MLflowTracker",
+    "NullTracker",
+    "Tracker",
+    "flatten_params",
+    "log_new_params",
+    "redact",
+    "start_run",
+    "system_metrics_monitor",
+    "training_experiment",
+]
 
 logger = logging.getLogger(__name__)
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""MLflow 3's type of an experiment; ``custom_model_development`` = model training (runs, datasets, models), not
+GenAI (traces). MLflow 3.17's UI follows a GenAI / Model training switch of its own (in the browser, or
+``?workflowType=machine_learning`` in a link) and reads the tag where that switch is off."""
+_MODEL_TRAINING = "custom_model_development"
 
 _SECRET = re.compile(r"(secret|password|passwd|token|access_key|api_key|credential|private)", re.IGNORECASE)
 REDACTED = "***"
@@ -191,8 +213,7 @@ def start_run(
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = training_experiment(client, experiment)
     run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
     log_new_params(client, run.info.run_id, flatten_params(params or {}))
     return run.info.run_id
@@ -206,3 +227,46 @@ def log_new_params(client: Any, run_id: str, params: Mapping[str, Any]) -> None:
     new = [Param(k, str(v)) for k, v in params.items() if k not in existing]
     for start in range(0, len(new), 100):
         client.log_batch(run_id, params=new[start : start + 100])
+
+
+def training_experiment(client: Any, name: str) -> str:
+    """The id of experiment ``name``, created as a model-training experiment when missing; an existing one without
+    a kind (made before this tag existed) gets it, one whose kind a user chose keeps it.
+
+    Args:
+        client: an ``MlflowClient``.
+        name: the experiment name.
+    """
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: _MODEL_TRAINING})
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, _MODEL_TRAINING)
+    return found.experiment_id
+
+
+def system_metrics_monitor(tracking: TrackingConfig, run_id: str | None, *, node: str | None = None) -> Any:
+    """Starts MLflow's system-metrics sampler for ``run_id`` in a background thread (call ``finish()`` on the
+    result); None when ``tracking.system_metrics`` is off or there is no run.
+
+    It samples CPU, memory, disk and network (GPU when ``pynvml`` sees one) every
+    ``tracking.system_metrics_interval_s`` seconds and logs ``system/...`` metrics, continuing the run's
+    ``system/`` steps on a resumed stage; it stops by itself when the run is no longer RUNNING.
+
+    Args:
+        tracking: the recipe's tracking section.
+        run_id: the stage run.
+        node: names this machine in the metric keys (``system/<node>/...``) when a stage spans several.
+    """
+    if not tracking.system_metrics or not run_id:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    try:
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=tracking.system_metrics_interval_s,
+                                       resume_logging=True, node_id=node, tracking_uri=tracking.uri)
+    except Exception as err:  # noqa: BLE001 - tracking must never stop training
+        logger.warning("system metrics not logged: %s", err)
+        return None
+    monitor.start()
+    return monitor

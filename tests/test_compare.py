@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +57,9 @@ class Runs:
     a_finetune: str
     solo_1: str
     solo_2: str
+    pipe_c: str
+    """A pipeline of every kind of stage (pretrain, finetune, its from-scratch sibling, eval), in its own
+    experiment."""
 
 
 def _run(client: MlflowClient, exp_id: str, name: str, start: int, *, params: dict[str, str],
@@ -105,7 +110,20 @@ def runs(mlflow_server) -> Runs:
                            "train/samples_per_s": [(3, 100.0)]})
     solo_2 = _run(client, exp_id, "solo-2", t0 + 30, params=BASE_PARAMS,
                   metrics={"train/samples_per_s": [(0, 50.0), (1, 80.0), (2, 70.0)], "val/top5": [(2, 0.9)]})
-    return Runs(mlflow_server.tracking_uri, experiment, empty, pipe_a, pipe_b, a_pre, a_fine, solo_1, solo_2)
+    chain_id = client.create_experiment(f"cmp-chain-{tag}")
+    pipe_c = _run(client, chain_id, "pipe-c", t0, params=BASE_PARAMS, metrics={})
+    for i, (stage, kind, metrics) in enumerate([
+        ("pretrain", "pretrain", {"train/loss": [(0, 3.0), (10, 2.0)], "train/samples": [(0, 0.0), (10, 640.0)],
+                                  "train/epoch": [(0, 0.0), (10, 2.0)]}),
+        ("finetune", "finetune", {"val/top1": [(4, 0.8)], "train/samples": [(2, 32.0), (4, 64.0)],
+                                  "train/epoch": [(2, 0.5), (4, 1.0)]}),
+        ("scratch", "finetune", {"val/top1": [(4, 0.6)], "train/samples": [(2, 32.0), (4, 64.0)],
+                                 "train/epoch": [(2, 0.5), (4, 1.0)]}),
+        ("eval", "eval", {"val/top1": [(0, 0.85)], "raw/val/top1": [(0, 0.82)], "ema/val/top1": [(0, 0.85)]}),
+    ]):
+        _run(client, chain_id, f"pipe-c-{stage}", t0 + 1 + i, params=BASE_PARAMS, metrics=metrics,
+             tags={"revcol.stage": stage, "revcol.kind": kind, "mlflow.parentRunId": pipe_c})
+    return Runs(mlflow_server.tracking_uri, experiment, empty, pipe_a, pipe_b, a_pre, a_fine, solo_1, solo_2, pipe_c)
 
 
 def test_metric_direction_rule() -> None:
@@ -144,25 +162,43 @@ def test_pipelines_laid_end_to_end_with_differing_params_and_final_best(runs: Ru
     assert lr_row.split() == ["train/lr", "final", "0.01"]  # pipe-b's cell blank
     assert not any(r.strip().startswith("train/lr  best") for r in table.splitlines())
 
-    # the saved plots: one line per pipeline, x = steps laid end to end
+    # the saved plots: a panel per stage, the pipelines' stages overlaid on their own steps (not chained)
     assert set(result.pngs) == {"train/loss", "val/top1"}
     assert Path(result.pngs["train/loss"]) == tmp_path / "train_loss.png"
     fig = plot_metric(result.subjects, "train/loss")
-    lines = fig.axes[0].get_lines()
-    assert [line.get_label() for line in lines] == ["pipe-a", "pipe-b"]
-    assert list(lines[0].get_xdata()) == [0, 1, 2, 3, 4, 5, 6, 7]
-    assert list(lines[1].get_xdata()) == [0, 2, 6, 6, 10]
-    assert list(lines[0].get_ydata()) == [2.0, 1.5, 1.2, 1.3, 1.1, 0.9, 0.7, 0.8]
-    _check_png(result.pngs["train/loss"], lines)
+    assert [ax.get_title() for ax in fig.axes] == ["pretrain", "finetune"]
+    pretrain, finetune = (ax.get_lines() for ax in fig.axes)
+    assert [line.get_label() for line in pretrain] == ["pipe-a: pretrain", "pipe-b: pretrain"]
+    assert [line.get_label() for line in finetune] == ["pipe-a: finetune", "pipe-b: finetune"]
+    assert list(pretrain[0].get_xdata()) == [0, 1, 2, 3, 4] and list(finetune[1].get_xdata()) == [0, 4]
+    assert list(finetune[0].get_ydata()) == [0.9, 0.7, 0.8]
+    _check_png(result.pngs["train/loss"], [*pretrain, *finetune], size=(1100, 450))
 
 
-def _check_png(path: str, lines) -> None:
+def test_plots_overlay_sibling_stages_on_samples_and_bar_the_eval(runs: Runs, tmp_path: Path) -> None:
+    """finetune and scratch (both kind finetune) share a panel on one x axis; eval is bars per weights kind."""
+    result = compare_runs(runs.uri, run_ids=[runs.pipe_c], metrics=["val/top1"], out_dir=tmp_path, x="samples")
+    fig = plot_metric(result.subjects, "val/top1", x="samples")
+    assert [ax.get_title() for ax in fig.axes] == ["finetune", "eval"]  # pretrain logged no val/top1
+    finetune, evaluation = fig.axes
+    assert [(line.get_label(), list(line.get_xdata()), list(line.get_ydata())) for line in finetune.get_lines()] == [
+        ("finetune", [64.0], [0.8]), ("scratch", [64.0], [0.6])]
+    assert finetune.get_xlabel() == "training samples"
+    bars = {(patch.get_x() + patch.get_width() / 2, patch.get_height()) for patch in evaluation.patches}
+    assert sorted(height for _, height in bars) == [0.82, 0.85]  # raw and ema weights, not the duplicate best
+    assert [t.get_text() for t in evaluation.get_legend().get_texts()] == ["ema", "raw"]
+    epochs = plot_metric(result.subjects, "train/loss", x="epochs")
+    assert list(epochs.axes[0].get_lines()[0].get_xdata()) == [0.0, 2.0]
+    with pytest.raises(CompareError, match="--x samples: 'pretrain' logged no train/samples"):
+        compare_runs(runs.uri, run_ids=[runs.pipe_a], out_dir=tmp_path / "old", x="samples")
+
+
+def _check_png(path: str, lines, *, size: tuple[int, int]) -> None:
     """The PNG decodes to the figure's size and shows every line's colour (drawn pixels, not just metadata)."""
     with Image.open(path) as image:
-        assert image.format == "PNG" and image.size == (800, 450)
+        assert image.format == "PNG" and image.size == size
         pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
     colours = {tuple(int(round(c * 255)) for c in to_rgb(line.get_color())) for line in lines}
-    assert len(colours) == len(lines)
     for colour in colours:
         assert (pixels == colour).all(axis=1).sum() > 50, colour
 
@@ -179,18 +215,19 @@ def test_select_by_experiment_parent_ids_and_stage(runs: Runs, tmp_path: Path) -
     finetunes = select_runs(client, experiments=[runs.experiment], stage="finetune")
     assert [r.info.run_name for r, _ in finetunes] == ["pipe-a-finetune", "pipe-b-finetune"]
 
-    # parent selection compares stages on their own axes (no offset)
+    # parent selection compares stages on their own axes (no offset), each in its stage's panel
     subjects = load_subjects(client, by_parent)
     assert [s.label for s in subjects] == ["pipe-a-pretrain", "pipe-a-finetune"]
     fig = plot_metric(subjects, "train/loss")
-    assert [list(line.get_xdata()) for line in fig.axes[0].get_lines()] == [[0, 1, 2, 3, 4], [1, 2, 3]]
+    assert [[list(line.get_xdata()) for line in ax.get_lines()] for ax in fig.axes] == [[[0, 1, 2, 3, 4]], [[1, 2, 3]]]
 
     # whole experiment: runs without a metric get no line and a blank cell; NaN is never best
     result = compare_runs(runs.uri, experiments=[runs.experiment], out_dir=tmp_path)
     assert set(result.pngs) == {"train/loss", "val/top1"}  # the defaults
     fig = plot_metric(result.subjects, "train/loss")
-    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["pipe-a", "pipe-b", "solo-1"]
-    _check_png(result.pngs["train/loss"], fig.axes[0].get_lines())
+    assert [ax.get_title() for ax in fig.axes] == ["pretrain", "finetune", "run"]
+    assert [line.get_label() for line in fig.axes[2].get_lines()] == ["solo-1"]
+    _check_png(result.pngs["train/loss"], [line for ax in fig.axes for line in ax.get_lines()], size=(1650, 450))
     solo_1 = result.metrics[runs.solo_1]["train/loss"]
     assert (solo_1["final"], solo_1["best"], solo_1["best_step"]) == (2.7, 2.5, 2)
     assert result.metrics[runs.solo_2]["train/samples_per_s"]["best"] == 80.0
@@ -248,7 +285,7 @@ def test_cli_json_end_to_end(runs: Runs, tmp_path: Path) -> None:
     assert set(report["pngs"]) == {"train/loss", "val/top1"}
     for path in report["pngs"].values():
         with Image.open(path) as image:
-            assert image.format == "PNG" and image.size == (800, 450)
+            assert image.format == "PNG" and image.size[1] == 450
 
     code, _, stderr = _finish(bad)
     assert code == 2 and "unknown experiment 'no-such-experiment'" in stderr, stderr
@@ -271,3 +308,63 @@ def test_cli_errors_exit_2(runs: Runs, tmp_path: Path, capsys: pytest.CaptureFix
     assert cli.main(argv) == 2
     assert message.format(**names) in capsys.readouterr().err
     assert not list(tmp_path.iterdir())  # nothing written on error
+
+
+# ----------------------------------------------------------------------------------------------- the HTML report
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's headless-capable ``chromium``, installed with apt-get (sudo when not root) when absent."""
+    found = shutil.which("chromium")
+    if found is None:
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        install = [*sudo, "apt-get", "install", "-y", "-q", "chromium"]
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+            subprocess.run([*sudo, "apt-get", "update", "-q"], env=env, check=True, capture_output=True)
+            subprocess.run(install, env=env, check=True, capture_output=True)
+        found = shutil.which("chromium")
+    assert found, "chromium is not installed and could not be installed"
+    return found
+
+
+_IMAGE_PROBE = """<script>
+window.addEventListener("load", () => {
+  document.body.setAttribute("data-image-widths", Array.from(document.images, i => i.naturalWidth).join(","));
+});
+</script>"""
+"""Added to a copy of the report: after load, each image's decoded width lands in the DOM that --dump-dom prints."""
+
+
+def _headless(chromium: str, page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           f"--user-data-dir={profile}", "--virtual-time-budget=5000", *args, page.as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_html_report_renders_in_headless_chromium(runs: Runs, tmp_path: Path, chromium: str) -> None:
+    report = tmp_path / "report.html"
+    code = cli.main(["compare", runs.pipe_a, runs.pipe_b, runs.solo_1, "--tracking-uri", runs.uri,
+                     "--out", str(tmp_path / "plots"), "--html", str(report)])
+    assert code == 0 and report.exists()
+    page = report.read_text()
+    assert "<img" in page and 'src="data:image/png;base64,' in page and 'src="/' not in page  # self-contained
+    assert "stages.pretrain.init_from" in page and "s3://w/x" in page  # a differing param, unclipped
+    assert "pipe-a" in page and "solo-1" in page and "train/loss" in page
+
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", _IMAGE_PROBE + "</body>"))
+    dom = _headless(chromium, probe, tmp_path / "profile-dom", "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    widths = re.search(r'data-image-widths="([\d,]*)"', dom.stdout)
+    assert widths, dom.stdout[-2000:]
+    sizes = [Image.open(tmp_path / "plots" / name).size[0] for name in ("train_loss.png", "val_top1.png")]
+    assert [int(w) for w in widths.group(1).split(",")] == sizes  # both plots decoded at their size
+
+    shot = tmp_path / "report.png"
+    result = _headless(chromium, report, tmp_path / "profile-shot", f"--screenshot={shot}", "--window-size=1280,1600")
+    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
+    with Image.open(shot) as image:
+        assert image.size == (1280, 1600)
+        pixels = np.asarray(image.convert("L"), dtype=np.float64)
+    assert pixels.std() > 10  # text, tables and plots drawn, not a blank page
+    assert (pixels < 128).mean() > 0.002  # dark pixels: text and curves

@@ -49,6 +49,7 @@ def test_chain_runs_every_stage_and_learns(demo):
     assert stages["eval"]["metrics"]["val/top5"] >= stages["eval"]["top1"]
     assert "pretraining gain on held-out digits" in demo["first_out"]
     assert "mlflow ui --backend-store-uri sqlite:///" in demo["first_out"]
+    assert "/#/experiments/1/runs?workflowType=machine_learning" in demo["first_out"]  # the model-training view
 
 
 def test_lineage_is_recorded_in_mlflow(demo):
@@ -71,6 +72,36 @@ def test_lineage_is_recorded_in_mlflow(demo):
     assert "eval_results.json" in artifacts
     for key in ("train/loss", "train/lr", "train/samples_per_s", "data/stall_frac"):
         assert key in runs["pretrain"].data.metrics
+
+
+def test_mlflow3_objects_in_the_local_store(demo):
+    """The local SQLite default holds what an MLflow server does (``tests/test_lineage.py``): a model-training
+    experiment, datasets per stage run, one external LoggedModel per training stage (after a re-run still one),
+    and finetune's — not scratch's — export registered as ``demo_digits@candidate``."""
+    summary = demo["first"]
+    client = MlflowClient(summary["tracking_uri"])
+    experiment = client.get_experiment_by_name("demo_digits")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = {name: client.get_run(s["run_id"]) for name, s in summary["stages"].items()}
+    contexts = {name: {(i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"])
+                       for i in r.inputs.dataset_inputs} for name, r in runs.items()}
+    assert contexts == {
+        "pretrain": {("pretrain", "training")},
+        "finetune": {("finetune", "training"), ("test", "validation")},
+        "scratch": {("finetune", "training"), ("test", "validation")},
+        "eval": {("test", "evaluation")},
+    }
+    models = {}
+    for name in ("pretrain", "finetune", "scratch"):
+        (output,) = runs[name].outputs.model_outputs
+        models[name] = client.get_logged_model(output.model_id)
+        assert models[name].tags["revcol.weights_uri"] == runs[name].data.tags["revcol.export_uri"]
+        assert {m.key for m in models[name].metrics} >= {"train/loss"}
+    assert {(m.key, m.step) for m in models["finetune"].metrics} >= {("val/top1", 0), ("val/top5", 0)}
+    assert not runs["eval"].outputs.model_outputs
+    version = client.get_model_version_by_alias("demo_digits", "candidate")
+    assert version.source == f"models:/{models['finetune'].model_id}"
+    assert len(client.search_model_versions("name = 'demo_digits'")) == 1
 
 
 def test_rerun_is_idempotent(demo):

@@ -7,6 +7,8 @@ import os
 from collections.abc import Iterable
 
 from pipeline.compare.comparison import DEFAULT_METRICS, compare_runs
+from pipeline.compare.plots import X_AXES
+from pipeline.compare.report import write_html_report
 from pipeline.compare.selection import CompareError
 from pipeline.compare.table import format_table
 
@@ -22,7 +24,8 @@ def _default_tracking_uri() -> str:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    """Runs ``revcol compare``: prints the table (or one JSON object with ``--json``) and writes the PNGs.
+    """Runs ``revcol compare``: prints the table (or one JSON object with ``--json``), writes the PNGs and, with
+    ``--html``, the self-contained report.
 
     Args:
         args: the parsed command line.
@@ -53,16 +56,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             stage=args.stage,
             metrics=metrics,
             out_dir=args.out,
+            x=args.x,
         )
     except MlflowException as err:
         print(f"revcol compare: cannot read runs from {tracking_uri}: {err.message}", file=sys.stderr)
         return 1
+    report = str(write_html_report(comparison, args.html)) if args.html else None
     if args.json:
-        print_json(comparison.to_json())
+        print_json({**comparison.to_json(), "html": report})
     else:
         print(format_table(comparison))
         for metric, path in comparison.pngs.items():
             print(f"plot {metric}: {path}")
+        if report:
+            print(f"report: {report}")
     return 0
 
 
@@ -77,9 +84,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """
     parser = subparsers.add_parser(
         "compare",
-        help="compare MLflow runs: differing params, final/best metrics, PNG curves",
+        help="compare MLflow runs: differing params, final/best metrics, PNG curves, an HTML report",
         description=(
-            "Compare MLflow runs or whole pipelines (a parent run's stages laid end to end). Selections combine. "
+            "Compare MLflow runs or whole pipelines (a parent run and its stages). The table lays a pipeline's "
+            "stages end to end; the plots draw one panel per kind of stage, sibling stages overlaid, eval results "
+            "as bars. Selections combine. "
             "Best = max for top1/top5/acc/samples_per_s, min for loss/stall_frac; other metrics show the final "
             "value only."
         ),
@@ -105,6 +114,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--out", default="runs/compare", metavar="DIR", help="folder for the PNGs (default runs/compare)"
+    )
+    parser.add_argument(
+        "--x", default="steps", choices=X_AXES,
+        help="x axis of the curves: steps as logged, training samples or epochs (default steps)",
+    )
+    parser.add_argument(
+        "--html", default=None, metavar="REPORT.html",
+        help="also write one self-contained HTML report (table, differing params, plots embedded) for sharing",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     parser.set_defaults(func=_cmd_compare)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.compare.plots import _png_name, plot_metric
+from pipeline.compare.plots import XAxis, _png_name, plot_metric
 from pipeline.compare.selection import CompareError, load_subjects, select_runs
 from pipeline.compare.subjects import STAGE_TAG, Subject
 from pipeline.compare.summary import differing_params, metric_direction, summarize_metrics
@@ -81,6 +81,7 @@ def compare_runs(
     stage: str | None = None,
     metrics: Sequence[str] | None = None,
     out_dir: str | Path | None = None,
+    x: XAxis = "steps",
 ) -> Comparison:
     """Selects runs, summarizes params and metrics, and writes one PNG per plotted metric.
 
@@ -93,12 +94,14 @@ def compare_runs(
         metrics: metrics to plot; every one must be logged by at least one subject. When None,
             :data:`DEFAULT_METRICS` that some subject logged.
         out_dir: folder for the PNGs (``<metric with / as _>.png``); no plots when None.
+        x: the plots' x axis (see :func:`plot_metric`).
 
     Returns:
         The :class:`Comparison`.
 
     Raises:
-        CompareError: a bad selection, or a requested metric that no selected run logged.
+        CompareError: a bad selection, a requested metric that no selected run logged, or an ``x`` some plotted
+            stage cannot be mapped onto.
     """
     from mlflow.tracking import MlflowClient
 
@@ -122,7 +125,7 @@ def compare_runs(
     if out_dir is not None:
         for metric in to_plot:
             path = Path(out_dir) / _png_name(metric)
-            plot_metric(subjects, metric, path=path)
+            plot_metric(subjects, metric, x=x, path=path)
             comparison.pngs[metric] = str(path)
             logger.info("wrote %s", path)
     return comparison

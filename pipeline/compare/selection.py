@@ -7,7 +7,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pipeline.compare.subjects import PARENT_TAG, STAGE_TAG, StagePart, Subject
+from pipeline.compare.subjects import KIND_TAG, PARENT_TAG, STAGE_TAG, Series, StagePart, Subject
 
 if TYPE_CHECKING:
     from mlflow.entities import Run
@@ -133,7 +133,7 @@ def select_runs(
     return picked
 
 
-def _histories(client: MlflowClient, run: Run) -> dict[str, list[tuple[int, float]]]:
+def _histories(client: MlflowClient, run: Run) -> Series:
     """Per metric key of ``run``, its ``(step, value)`` history sorted by step (the latest value per step)."""
     out: dict[str, list[tuple[int, float]]] = {}
     for key in sorted(run.data.metrics):
@@ -172,7 +172,9 @@ def load_subjects(client: MlflowClient, selected: Sequence[tuple[Run, list[Run]]
             history = _histories(client, child)
             last = max((step for points in history.values() for step, _ in points), default=0)
             stage = child.data.tags.get(STAGE_TAG) or child.info.run_name or child.info.run_id[:8]
-            subject.stages.append(StagePart(stage, child.info.run_id, child.info.run_name or "", offset, last))
+            subject.stages.append(StagePart(stage, child.info.run_id, child.info.run_name or "", offset, last,
+                                            child.data.tags.get(KIND_TAG)))
+            subject.stage_series[child.info.run_id] = history
             for key, points in history.items():
                 subject.series.setdefault(key, []).extend((step + offset, value) for step, value in points)
             offset += last

@@ -10,7 +10,11 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
 STAGE_TAG = "revcol.stage"
+KIND_TAG = "revcol.kind"
 PARENT_TAG = "mlflow.parentRunId"
+
+Series = dict[str, list[tuple[int, float]]]
+"""Per metric, ``(step, value)`` points sorted by step."""
 
 
 @dataclass
@@ -23,6 +27,7 @@ class StagePart:
         name: the child run's name.
         offset: added to the stage's logged steps.
         last_step: the highest step any metric of this stage was logged at.
+        kind: the ``revcol.kind`` tag (pretrain, finetune, eval), None when untagged.
     """
 
     stage: str
@@ -30,6 +35,7 @@ class StagePart:
     name: str
     offset: int
     last_step: int
+    kind: str | None = None
 
 
 @dataclass
@@ -43,14 +49,16 @@ class Subject:
         params: the params compared (see the module docstring for pipelines).
         series: per metric, ``(x, value)`` points sorted by x (steps laid end to end for a pipeline).
         stages: where each stage of a pipeline sits on the x axis.
+        stage_series: a pipeline's stages' own series (their steps as logged), by stage run id.
     """
 
     run: Run
     children: list[Run] = field(default_factory=list)
     label: str = ""
     params: dict[str, str] = field(default_factory=dict)
-    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    series: Series = field(default_factory=dict)
     stages: list[StagePart] = field(default_factory=list)
+    stage_series: dict[str, Series] = field(default_factory=dict)
 
     @property
     def run_id(self) -> str:

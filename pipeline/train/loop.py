@@ -75,6 +75,18 @@ def _tracker(job: StageJob, rank: int, fallback_dir: Path) -> Any:
     return MLflowTracker(job.tracking_uri, job.run_id, fallback_dir=fallback_dir)
 
 
+def _system_metrics(job: StageJob, recipe: Recipe, ctx: Any) -> Any:
+    """MLflow's system-metrics sampler on one worker per node (local rank 0); on more than one node each names its
+    node in the metric keys (``system/node1/cpu_utilization_percentage``)."""
+    from pipeline.tracking import system_metrics_monitor
+
+    if ctx.get_local_rank() != 0 or not job.tracking_uri:
+        return None
+    single_node = ctx.get_local_world_size() == ctx.get_world_size()
+    return system_metrics_monitor(recipe.tracking.model_copy(update={"uri": job.tracking_uri}), job.run_id,
+                                  node=None if single_node else f"node{ctx.get_node_rank()}")
+
+
 def model_builder(job: StageJob, stage: StageConfig) -> Callable[[], revcol.RevCol]:
     mc = stage.model
     head_init_scale = mc.head_init_scale if not job.init_weights else None  # a loaded head is scaled on reset
@@ -212,6 +224,7 @@ def train_func(config: dict[str, Any]) -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="revcol-fallback-"))
     tracker = _tracker(job, rank, scratch)
+    system_monitor = _system_metrics(job, recipe, ctx)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if stage.data.val is not None else None
     interval = stage.checkpoint.interval_steps
@@ -285,6 +298,8 @@ def train_func(config: dict[str, Any]) -> None:
         elif metrics:
             ray.train.report({**metrics, "step": state.step, "epoch": position.epoch or 0})
     engine.destroy()
+    if system_monitor is not None:
+        system_monitor.finish()
     _remove_offload_files(stage, rank)
     if not tracker.close() and tracker.fallback_path.exists():
         uri = write_file(recipe, stage, tracker.fallback_path.name, tracker.fallback_path.read_bytes())
@@ -333,6 +348,9 @@ def _log_progress(
         "data/stall_frac": window["wait"] / max(window["time"], 1e-9),
         "data/skipped": float(skipped),
         "sys/rss_mb": rss / 2**20,
+        # the x axes of `revcol compare --x samples|epochs`: steps differ between runs of other batch sizes
+        "train/samples": float(state.samples),
+        "train/epoch": state.samples / max(job.train_samples, 1),
     }
     if grad_norm is not None:
         metrics["train/grad_norm"] = float(grad_norm)
