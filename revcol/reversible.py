@@ -34,8 +34,6 @@ import torch
 if TYPE_CHECKING:
     from torch import nn
 
-    from revcol.model import Column
-
 __all__ = ["ReverseStep", "ReversibleColumns", "RngState", "capture_rng", "restore_rng", "reverse_column"]
 
 
@@ -79,9 +77,12 @@ class ReverseStep:
 
 
 def reverse_column(
-    column: Column, x: torch.Tensor, new_values: list[torch.Tensor], step: ReverseStep
+    column: nn.Module, x: torch.Tensor, new_values: list[torch.Tensor], step: ReverseStep
 ) -> tuple[torch.Tensor, ...]:
     """Reconstructs ``column``'s input from its output, level 3 down to 0, back-propagating as it goes.
+
+    ``column`` is a :class:`revcol.model.Column` (its ``alphas``, ``levels`` and ``level_inputs``; not imported
+    here, which would make the two modules import each other).
 
     Called from ``column.forward(..., reverse=step)`` so that the column's hooks fire. Every tensor crossing a
     level boundary is a fresh leaf, so each level's small graph is freed right after its backward; gradients
