@@ -84,7 +84,14 @@ def _build(
         "size": image.size,
         **extra_info,
     }
-    control = ray.remote(num_cpus=0, max_restarts=0)(StreamControl).remote(info, epoch=epoch)
+    # On the driver's node (the head under `ray job submit`), not wherever the scheduler puts a zero-CPU actor: the
+    # state is not restartable, and on a node that goes away every worker restarted after it would fail.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    control = ray.remote(num_cpus=0, max_restarts=0)(StreamControl).options(
+        scheduling_strategy=driver_node
+    ).remote(info, epoch=epoch)
     return control, shard_set, image, task_spec, info
 
 

@@ -1,0 +1,68 @@
+"""Several Ray nodes on this machine (``ray.cluster_utils.Cluster``: a head with no CPUs for tasks, labelled worker
+nodes): what the stream keeps must survive the loss of any node but the head."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.config import DataConfig
+from pipeline.data.shards import write_shards
+
+ROLE = "revcol/role"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Any]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        pytest.fail("a Ray session of another module is still up; this module needs its own cluster")
+    temp = tempfile.mkdtemp(prefix="ray-multi-", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "labels": {ROLE: "head"}, "temp_dir": temp,
+                                                          "include_dashboard": False})
+    try:
+        ray.init(address=nodes.address, configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+
+
+def _node_of(actor: Any) -> str:
+    import ray
+
+    return ray.get(actor.__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id()))
+
+
+def test_stream_control_lives_on_the_driver_node_and_survives_a_data_node(cluster: Any, tmp_path: Path) -> None:
+    import ray
+
+    from pipeline.data.stream import StreamPosition, build_train_dataset, iter_train_batches
+    from pipeline.data.stream.control import control_of
+
+    data_node = cluster.add_node(num_cpus=2, labels={ROLE: "data"})
+    cluster.wait_for_nodes()
+    manifest = write_shards("digits", str(tmp_path), shard_size=40, split="small",
+                            splits={"rest": 0.8, "small": 0.2}, progress=False)
+    cfg = DataConfig(train=str(tmp_path), image_size=32, batch_size=16, shuffle_buffer=64, seed=7)
+    dataset = build_train_dataset(cfg, model_name="revcol_test", data_cpus=2)
+    control = control_of(dataset)
+    head = ray.get_runtime_context().get_node_id()
+    assert _node_of(control) == head  # not the data node, the only one with CPUs, where it could land
+    position = StreamPosition()
+    batches = len(list(iter_train_batches(dataset, batch_size=16, position=position)))
+    assert batches == manifest["num_samples"] // 16 and position.epoch == 1
+    # the data node goes away; another takes its place and the same stream runs its next epoch
+    cluster.add_node(num_cpus=2, labels={ROLE: "data"})
+    cluster.remove_node(data_node)
+    cluster.wait_for_nodes()
+    assert ray.get(control.info.remote())["total"] == manifest["num_samples"]
+    assert len(list(iter_train_batches(dataset, batch_size=16, position=position))) == batches
+    assert position.epoch == 2
