@@ -86,7 +86,7 @@ def train_steps(
     config = deepspeed_config(DeepSpeedConfig(zero_stage=zero_stage, precision="bf16"), micro_batch=batch)
     torch.manual_seed(0)
     model = build_model(
-        lambda: revcol.create_model(name, intersup=True, channels_last=fast_path, keep_last_column=fast_path), config
+        lambda: revcol.create_model(name, intersup=True, keep_last_column=fast_path), config
     )
     params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     cfg = revcol.model_cfg(name)

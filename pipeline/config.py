@@ -162,8 +162,9 @@ class ModelConfig(_Section):
     reversible: bool = True
     """Reversible backward (activation memory independent of the number of columns)."""
     fast_path: bool = True
-    """Channels-last activations and, reversible, the last column kept rather than recomputed (one column's
-    activations more, still independent of the number of columns); false: the reference path."""
+    """Reversible: the last column's activations kept for backward rather than recomputed (one column's more,
+    still independent of the number of columns; one column's forward less per step); false: the reference path.
+    Channels-last activations are ``overrides: {channels_last: true}`` (slower on CPU, see benchmarks/model_speed.py)."""
     intersup: bool = False
     """Intermediate supervision: per-column classifiers and reconstruction decoders, compound loss."""
     drop_path_rate: float = Field(default=0.0, ge=0, lt=1)

@@ -64,8 +64,8 @@ def create_model(
         intersup: intermediate supervision heads (per-column classifiers, reconstruction decoders).
         drop_path_rate: stochastic depth.
         **overrides: custom sizes: ``channels``, ``layers``, ``num_subnet``, ``kernel_size``, ``top_branch``,
-            ``head_init_scale``, ``in_chans``; and the speed switches ``channels_last``, ``keep_last_column``
-            (both on by default, see :class:`RevCol`).
+            ``head_init_scale``, ``in_chans``; and the speed switches ``keep_last_column`` (on by default) and
+            ``channels_last`` (off), see :class:`RevCol`.
     """
     from revcol.model import _create_revcol
 

@@ -303,11 +303,12 @@ class RevCol(nn.Module):
         top_branch: RevCol-H's extra fusion branch from the previous column's top level into level 0.
         head_init_scale: scale the freshly initialized classifier weights and bias by this (finetuning).
         channels_last: run on channels-last (NHWC-strided) activations, so the permutes around the ConvNeXt
-            blocks' LayerNorm and MLP are views rather than copies. Weights and ``state_dict`` are unchanged.
+            blocks' LayerNorm and MLP are views rather than copies. Weights and ``state_dict`` are unchanged. Off
+            by default: on the CPU with 2 threads it makes the step slower (``benchmarks/model_speed.py``).
         keep_last_column: (reversible) keep the last column's activations for backward instead of recomputing
             them: one column's activations more (still independent of ``num_subnet``), one column's forward
-            less per step. Off, with ``channels_last`` off, is the reference path ``benchmarks/model_speed.py``
-            compares against.
+            less per step. On by default; off is the reference path ``benchmarks/model_speed.py`` compares
+            against.
     """
 
     def __init__(
@@ -324,7 +325,7 @@ class RevCol(nn.Module):
         intersup: bool = False,
         top_branch: bool = False,
         head_init_scale: float | None = None,
-        channels_last: bool = True,
+        channels_last: bool = False,
         keep_last_column: bool = True,
     ) -> None:
         super().__init__()

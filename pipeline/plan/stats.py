@@ -47,7 +47,7 @@ def _model_kwargs(stage: StageConfig) -> dict[str, Any]:
         "drop_path_rate": mc.drop_path_rate,
         # the speed switches change what is kept for backward, so the trace builds the model with them
         "overrides": json.dumps(
-            {**mc.overrides, "channels_last": mc.fast_path, "keep_last_column": mc.fast_path}, sort_keys=True
+            {"keep_last_column": mc.fast_path, **mc.overrides}, sort_keys=True
         ),
     }
 

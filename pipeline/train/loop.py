@@ -95,7 +95,6 @@ def model_builder(job: StageJob, stage: StageConfig) -> Callable[[], revcol.RevC
         mc.name,
         num_classes=job.num_classes,
         reversible=mc.reversible,
-        channels_last=mc.fast_path,
         keep_last_column=mc.fast_path,
         intersup=mc.intersup,
         drop_path_rate=mc.drop_path_rate,
