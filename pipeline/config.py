@@ -25,6 +25,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "RegularizeConfig",
+    "S3_SECRETS",
     "S3Config",
     "ScalingConfig",
     "StageConfig",
@@ -78,6 +79,10 @@ class TrackingConfig(_Section):
         return uri
 
 
+S3_SECRETS = {"access_key_id", "secret_access_key", "session_token"}
+"""The :class:`S3Config` fields left out of everything but the in-memory settings workers get."""
+
+
 class S3Config(_Section):
     endpoint_url: str | None = None
     """S3 endpoint (e.g. ``http://127.0.0.1:9000``); defaults to ``AWS_ENDPOINT_URL`` or AWS itself."""
@@ -87,6 +92,9 @@ class S3Config(_Section):
     """Access key; prefer the standard ``AWS_ACCESS_KEY_ID`` variable. Never logged."""
     secret_access_key: str | None = Field(default=None, repr=False)
     """Secret key; prefer ``AWS_SECRET_ACCESS_KEY``. Never logged."""
+    session_token: str | None = Field(default=None, repr=False)
+    """Session token of temporary credentials (STS, SSO, instance roles); prefer ``AWS_SESSION_TOKEN``. Taken from
+    the environment only when the keys are too. Never logged."""
     max_attempts: int = Field(default=5, ge=1, le=50)
     """Attempts per request (with exponential backoff) before a transient error fails the read."""
 

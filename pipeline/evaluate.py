@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pipeline import storage
-from pipeline.config import DataConfig, Recipe, StageConfig
+from pipeline.config import S3_SECRETS, DataConfig, Recipe, StageConfig
 from pipeline.train.weights import ModelSpec
 
 __all__ = ["EvalRun", "WeightsChoice", "check_weights", "choose_weights", "evaluate_weights", "stage_metrics"]
@@ -100,15 +100,14 @@ def evaluate_weights(
             data, model_name=stage.model.name, s3_cfg=recipe.s3, num_splits=workers,
             batch_size=stage.data.batch_size, data_cpus=recipe.scaling.data_cpus,
         )
-    needs_s3 = any(storage.is_s3_url(uri) for uri in weights.values())
     job = EvalJob(
-        recipe=recipe.model_dump(mode="json", exclude={"s3": {"access_key_id", "secret_access_key"}}),
+        recipe=recipe.model_dump(mode="json", exclude={"s3": S3_SECRETS}),
         stage=stage.name,
         weights=weights,
         models={name: {"name": s.name, "num_classes": s.num_classes, "intersup": s.intersup,
                        "overrides": s.overrides} for name, s in specs.items()},
         splits=list(splits),
-        s3=storage.resolve_s3_config(recipe.s3) if needs_s3 else None,
+        s3=storage.resolve_s3_config(recipe.s3),  # as the training workers get it
     )
     path, filesystem = storage.ray_storage(recipe.storage_path, s3=recipe.s3)
     trainer = TorchTrainer(

@@ -173,6 +173,10 @@ def resolve_s3_config(config: S3Config | None = None, *, environ: Mapping[str, s
         region=base.region or env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or DEFAULT_REGION,
         access_key_id=base.access_key_id or env.get("AWS_ACCESS_KEY_ID") or None,
         secret_access_key=base.secret_access_key or env.get("AWS_SECRET_ACCESS_KEY") or None,
+        # a token belongs to its keys: the environment's only goes with the environment's keys
+        session_token=base.session_token if base.access_key_id else (
+            base.session_token or env.get("AWS_SESSION_TOKEN") or None
+        ),
         max_attempts=max_attempts,
     )
 
@@ -220,6 +224,7 @@ def make_client(
     session = boto3.session.Session(
         aws_access_key_id=resolved.access_key_id,
         aws_secret_access_key=resolved.secret_access_key,
+        aws_session_token=resolved.session_token,
         region_name=resolved.region,
     )
     logger.debug(
@@ -317,6 +322,7 @@ def ray_storage(storage_path: str, *, s3: S3Config | None = None) -> tuple[str, 
     filesystem = pyarrow.fs.S3FileSystem(
         access_key=resolved.access_key_id,
         secret_key=resolved.secret_access_key,
+        session_token=resolved.session_token,
         region=resolved.region,
         endpoint_override=endpoint.split("://", 1)[-1] or None,
         scheme=endpoint.split("://", 1)[0] if "://" in endpoint else "https",

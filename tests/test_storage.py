@@ -51,6 +51,36 @@ def test_explicit_config_wins_over_environment() -> None:
         resolve_s3_config(None, environ={"AWS_MAX_ATTEMPTS": "many"})
 
 
+def test_session_token_goes_with_its_keys() -> None:
+    env = {"AWS_ACCESS_KEY_ID": "env-id", "AWS_SECRET_ACCESS_KEY": "env-secret", "AWS_SESSION_TOKEN": "env-token"}
+    assert resolve_s3_config(None, environ=env).session_token == "env-token"
+    # keys from the recipe: the environment's token belongs to other keys
+    explicit = S3Config(access_key_id="cfg-id", secret_access_key="cfg-secret")
+    assert resolve_s3_config(explicit, environ=env).session_token is None
+    with_token = resolve_s3_config(explicit.model_copy(update={"session_token": "cfg-token"}), environ=env)
+    assert with_token.session_token == "cfg-token" and "cfg-token" not in repr(with_token)
+
+
+def test_temporary_credentials_reach_s3(s3_server: S3Server, s3_bucket: str) -> None:
+    """boto3 (files) and pyarrow (Ray Train's storage) both send the session token; the settings workers get
+    carry it, the recipe dump that reaches params and artifacts does not."""
+    from pipeline.config import S3_SECRETS, load_recipe
+
+    token = "temporary-session-token-0123"
+    s3 = S3Config(endpoint_url=s3_server.endpoint_url, access_key_id="ASIATEMPORARY", secret_access_key="s",
+                  session_token=token)
+    assert make_client(s3, environ={})._request_signer._credentials.token == token
+    storage.write_bytes(f"s3://{s3_bucket}/a.txt", b"x", s3=s3)
+    assert storage.read_bytes(f"s3://{s3_bucket}/a.txt", s3=s3) == b"x"
+    path, filesystem = storage.ray_storage(f"s3://{s3_bucket}/runs", s3=s3)
+    with filesystem.open_output_stream(f"{path}/b.txt") as out:
+        out.write(b"y")
+    assert storage.read_bytes(f"s3://{s3_bucket}/runs/b.txt", s3=s3) == b"y"
+    recipe = load_recipe(Path(__file__).parent.parent / "jobs" / "demo_digits.yaml", [f"s3.session_token={token}"])
+    assert recipe.s3.session_token == token
+    assert token not in str(recipe.model_dump(mode="json", exclude={"s3": S3_SECRETS}))
+
+
 def test_client_settings() -> None:
     client = make_client(S3Config(endpoint_url="http://127.0.0.1:9", access_key_id="a", secret_access_key="b",
                                   max_attempts=4), environ={}, retry_mode="adaptive")

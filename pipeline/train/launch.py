@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from pipeline import storage
-from pipeline.config import Recipe, StageConfig
+from pipeline.config import S3_SECRETS, Recipe, StageConfig
 from pipeline.train.loop import StageJob, train_func
 from pipeline.train.run_folder import read_file, run_name, run_url
 
@@ -63,8 +63,10 @@ def fit_stage(
     sc = recipe.scaling
     path, filesystem = storage.ray_storage(recipe.storage_path, s3=recipe.s3)
     job = StageJob(
-        recipe=recipe.model_dump(mode="json", exclude={"s3": {"access_key_id", "secret_access_key"}}),
-        s3=storage.resolve_s3_config(recipe.s3) if storage.is_s3_url(recipe.storage_path) else None,
+        recipe=recipe.model_dump(mode="json", exclude={"s3": S3_SECRETS}),
+        # the driver's S3 settings, credentials included (recipe or environment): on a cluster, the workers'
+        # nodes need not have them (checkpoints, init weights)
+        s3=storage.resolve_s3_config(recipe.s3),
         stage=stage.name,
         num_classes=num_classes,
         train_samples=train_samples,
