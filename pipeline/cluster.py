@@ -31,11 +31,14 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from pipeline.services import LOOPBACK, ServiceError, _Service, free_port
 
-__all__ = ["RayHead", "connect_ray"]
+if TYPE_CHECKING:
+    from pipeline.config import Recipe
+
+__all__ = ["RayHead", "check_shared_storage", "connect_ray"]
 
 logger = logging.getLogger(__name__)
 
@@ -311,3 +314,46 @@ def connect_ray() -> None:
     # whole machine, and `revcol plan` (checked before) guards what fits in it.
     ray.init(num_cpus=max(2, psutil.cpu_count() or 2), include_dashboard=False, log_to_driver=True,
              _memory=psutil.virtual_memory().total)
+
+
+def check_shared_storage(recipe: Recipe, *, nodes: int | None = None) -> None:
+    """On a cluster of more than one node (``nodes``, default: the alive nodes of the connected Ray cluster),
+    refuses what only this node can see: a local ``storage_path``, shards or weights outside
+    ``scaling.shared_paths``, and a SQLite tracking store (rank 0 logs from its own node).
+
+    Raises:
+        ValueError: naming each such key, its value and the fix; nothing has been placed on the cluster yet.
+    """
+    from pipeline.storage import is_s3_url
+
+    if nodes is None:
+        import ray
+
+        nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    if nodes <= 1:
+        return
+    shared = [Path(p).expanduser().resolve() for p in recipe.scaling.shared_paths]
+
+    def node_local(path: str) -> bool:
+        return not is_s3_url(path) and not any(Path(path).resolve().is_relative_to(s) for s in shared)
+
+    paths = {"storage_path": [recipe.storage_path]}
+    for stage in recipe.stages:
+        for split in ("train", "val"):
+            value = getattr(stage.data, split)
+            paths[f"stages.{stage.name}.data.{split}"] = [value] if isinstance(value, str) else list(value or [])
+        if stage.init_from and stage.init_from not in {s.name for s in recipe.stages}:
+            paths[f"stages.{stage.name}.init_from"] = [stage.init_from]
+    problems = [f"{key}: {value!r} is a folder of this node" for key, values in paths.items()
+                for value in values if node_local(value)]
+    if recipe.tracking.uri.startswith("sqlite:"):
+        problems.append(f"tracking.uri: {recipe.tracking.uri!r} is a database file of this node, which the "
+                        "training workers on other nodes log to: use an MLflow server (http://HOST:5000)")
+    if problems:
+        raise ValueError(
+            f"the Ray cluster has {nodes} nodes, and other nodes cannot see what is only on this one:\n  "
+            + "\n  ".join(problems)
+            + "\nUse s3:// URLs (and an MLflow server), or, for a folder every node mounts at the same path, "
+            "declare it in scaling.shared_paths."
+        )
+

@@ -115,6 +115,9 @@ class ScalingConfig(_Section):
     resource). None: ``revcol plan`` assumes 80."""
     data_cpus: float = Field(default=1.0, gt=0)
     """CPU budget for the Ray Data decode/augment tasks, separate from the trainers."""
+    shared_paths: list[str] = Field(default_factory=list)
+    """Local folders every node mounts at the same path (NFS, FSx for Lustre, a hostPath): on a cluster of more
+    than one node, a local ``storage_path``, shards or weights are allowed only under one of these."""
     max_failures: int = Field(default=0, ge=-1)
     """Worker failures tolerated before the run fails (-1: unlimited); each restart resumes from the last checkpoint."""
 

@@ -15,6 +15,7 @@ and the final finetune export a registered model version with an alias.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -316,13 +317,19 @@ def _log_json_artifact(runs: _Runs, run_id: str, obj: Any, name: str) -> None:
         runs.client.log_artifact(run_id, str(path))
 
 
+def _ray_initialized() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
 def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> list[StageOutcome]:
     """Runs the recipe's stages (or the named subset) in order; returns one outcome per stage.
 
     Raises:
         RuntimeError: a stage failed (its MLflow run and the parent are marked FAILED; re-running resumes it).
     """
-    from pipeline.cluster import connect_ray
+    from pipeline.cluster import check_shared_storage, connect_ray
 
     _check_stage_names(recipe, stages)
     # GPU memory, or the host memory the recipe is sized for, is a hard limit: refuse a misfit before taking
@@ -333,6 +340,9 @@ def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> list[Sta
         plan = plan_recipe(recipe, with_deepspeed_estimate=False)
         if not plan.fits:
             raise ValueError(plan.refusal())
+    if os.environ.get("RAY_ADDRESS") or _ray_initialized():
+        connect_ray()  # an existing cluster: what its other nodes must see is checked before any run or worker
+        check_shared_storage(recipe)
     runs = _Runs(recipe)
     _log_json_artifact(runs, runs.parent_id, recipe.model_dump(mode="json", exclude={"s3"}), "recipe.json")
     done: dict[str, StageOutcome] = {}

@@ -66,3 +66,32 @@ def test_stream_control_lives_on_the_driver_node_and_survives_a_data_node(cluste
     assert ray.get(control.info.remote())["total"] == manifest["num_samples"]
     assert len(list(iter_train_batches(dataset, batch_size=16, position=position))) == batches
     assert position.epoch == 2
+
+
+def test_node_local_paths_are_refused_before_anything_starts(cluster: Any, tmp_path: Path) -> None:
+    import ray
+
+    from pipeline.cluster import check_shared_storage
+    from pipeline.config import load_recipe
+    from pipeline.stages import run_pipeline
+
+    cluster.add_node(num_cpus=1, labels={ROLE: "train"})
+    cluster.wait_for_nodes()
+    recipe = load_recipe(Path(__file__).parent.parent / "jobs" / "demo_digits.yaml", [
+        f"storage_path={tmp_path / 'runs'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ])
+    with pytest.raises(ValueError) as refused:
+        run_pipeline(recipe)
+    message = str(refused.value)
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    assert f"the Ray cluster has {nodes} nodes" in message
+    assert f"storage_path: {str(tmp_path / 'runs')!r}" in message and "tracking.uri: 'sqlite:///" in message
+    assert "stages.pretrain.data.train:" in message and "scaling.shared_paths" in message
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()  # no run was started
+    # a mount every node has, and an MLflow server: accepted (the demo's shards live under the repository)
+    shared = load_recipe(Path(__file__).parent.parent / "jobs" / "demo_digits.yaml", [
+        f"storage_path={tmp_path / 'runs'}", "tracking.uri=http://127.0.0.1:5000",
+        f"scaling.shared_paths=[{tmp_path}, {Path(__file__).parent.parent}]",
+    ])
+    check_shared_storage(shared)
+    check_shared_storage(recipe, nodes=1)  # one node: the local default stays
