@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,13 @@ import psutil
 import torch
 
 import revcol
-from pipeline.config import Recipe, S3Config, StageConfig
+from pipeline.config import Recipe, StageConfig
 from pipeline.data.stream import StreamPosition, iter_train_batches, skipped_counts
 from pipeline.data.transforms import mix_seed
 from pipeline.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
 from pipeline.train.ema import ShardedEma
 from pipeline.train.engine import Objective, build_engine, build_model, deepspeed_config, largest_param
+from pipeline.train.job import WorkerJob
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
 from pipeline.train.run_folder import keep_best, latest_checkpoint, write_file
 from pipeline.train.validate import evaluate_stream
@@ -41,30 +42,16 @@ __all__ = ["StageJob", "train_func"]
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class StageJob:
-    """Everything a worker needs, as plain data (what Ray hands ``train_func``)."""
+@dataclass(kw_only=True)
+class StageJob(WorkerJob):
+    """Everything a training worker needs, as plain data (what Ray hands ``train_func``)."""
 
-    recipe: dict[str, Any]
-    stage: str
     num_classes: int
     train_samples: int
     run_id: str | None = None
     tracking_uri: str | None = None
     init_weights: str | None = None
     log_every: int = 10
-    s3: S3Config | None = None
-    """The driver's resolved S3 settings for storage: travel as an object (its repr hides the keys), since the
-    plain recipe above carries no credentials."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def resolved(self) -> tuple[Recipe, StageConfig]:
-        recipe = Recipe.model_validate(self.recipe)
-        if self.s3 is not None:
-            recipe = recipe.model_copy(update={"s3": self.s3})
-        return recipe, recipe.stage(self.stage)
 
 
 def _tracker(job: StageJob, rank: int, fallback_dir: Path) -> Any:

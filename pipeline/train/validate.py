@@ -13,13 +13,14 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from pipeline.config import Recipe, S3Config, StageConfig
+from pipeline.config import StageConfig
+from pipeline.train.job import WorkerJob
 from pipeline.train.weights import ModelSpec, read_weights
 
 __all__ = ["EvalJob", "eval_func", "evaluate_stream"]
@@ -74,29 +75,16 @@ def evaluate_stream(
     return metrics
 
 
-@dataclass
-class EvalJob:
+@dataclass(kw_only=True)
+class EvalJob(WorkerJob):
     """Everything an evaluation worker needs, as plain data (what Ray hands :func:`eval_func`)."""
 
-    recipe: dict[str, Any]
-    stage: str
     weights: dict[str, str]
     """Weights to evaluate by name (``raw``, ``ema``): their URIs."""
     models: dict[str, dict[str, Any]]
     """The :class:`ModelSpec` (as a dict) each named weights file is built into, checked by the driver."""
     splits: list[str]
     """The datasets (eval streams) given to the trainer, each evaluated with every weights file."""
-    s3: S3Config | None = None
-    """The driver's resolved S3 settings for ``s3://`` weights (an object: its repr hides the keys)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def resolved(self) -> tuple[Recipe, StageConfig]:
-        recipe = Recipe.model_validate(self.recipe)
-        if self.s3 is not None:
-            recipe = recipe.model_copy(update={"s3": self.s3})
-        return recipe, recipe.stage(self.stage)
 
 
 def _autocast(stage: StageConfig, device: torch.device) -> contextlib.AbstractContextManager[Any]:
