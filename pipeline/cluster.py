@@ -311,9 +311,10 @@ def connect_ray() -> None:
 
     # Ray counts as schedulable memory only what is free at start minus its object store (15 of 24 GiB here):
     # a recipe sized for the machine (scaling.memory_per_worker_gb) would wait forever. This cluster is the
-    # whole machine, and `revcol plan` (checked before) guards what fits in it.
-    ray.init(num_cpus=max(2, psutil.cpu_count() or 2), include_dashboard=False, log_to_driver=True,
-             _memory=psutil.virtual_memory().total)
+    # whole machine, and `revcol plan` (checked before) guards what fits in it. address="local": a new cluster even
+    # when another Ray runs on the machine (ray.init would join it, and refuse num_cpus there).
+    ray.init(address="local", num_cpus=max(2, psutil.cpu_count() or 2), include_dashboard=False,
+             log_to_driver=True, _memory=psutil.virtual_memory().total)
 
 
 def check_shared_storage(recipe: Recipe, *, nodes: int | None = None) -> None:
