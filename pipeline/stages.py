@@ -15,13 +15,16 @@ and the final finetune export a registered model version with an alias.
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Recipe, StageConfig
+
+if TYPE_CHECKING:
+    from pipeline.data.stream import ShardSet
 
 __all__ = ["StageOutcome", "plan_pipeline", "run_pipeline"]
 
@@ -221,9 +224,9 @@ def _train_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, d
     )
 
 
-def _selection_data(recipe: Recipe, stage: StageConfig) -> tuple[Any, str | None]:
+def _selection_data(recipe: Recipe, stage: StageConfig, test: ShardSet) -> tuple[Any, str | None]:
     """The source stage's validation data, on which ``weights: auto`` chooses between raw and EMA, or why there
-    is none: ``(DataConfig, None)`` or ``(None, reason)``."""
+    is none: ``(DataConfig, None)`` or ``(None, reason)``. ``test``: the eval stage's resolved shards."""
     from pipeline.data.stream import resolve_shards
 
     if stage.init_from not in [s.name for s in recipe.stages]:
@@ -231,8 +234,7 @@ def _selection_data(recipe: Recipe, stage: StageConfig) -> tuple[Any, str | None
     source = recipe.stage(stage.init_from)
     if source.data.val is None:
         return None, f"source stage {source.name!r} has no validation data (data.val)"
-    if resolve_shards(source.data.val, s3_cfg=recipe.s3).fingerprint == \
-            resolve_shards(stage.data.val, s3_cfg=recipe.s3).fingerprint:
+    if resolve_shards(source.data.val, s3_cfg=recipe.s3).fingerprint == test.fingerprint:
         logger.warning("stage %s validates on the shards eval stage %s tests on: choosing raw or EMA there would "
                        "choose on the test split; reporting raw (give %s a validation split of its own)",
                        source.name, stage.name, source.name)
@@ -268,7 +270,7 @@ def _eval_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, do
     splits = {"test": stage.data}
     selection, no_selection = None, None
     if stage.weights == "auto" and "ema" in weights:
-        selection, no_selection = _selection_data(recipe, stage)
+        selection, no_selection = _selection_data(recipe, stage, data["val"])
     if selection is not None:
         splits["selection"] = selection
     monitor = system_metrics_monitor(recipe.tracking, run_id)
