@@ -33,7 +33,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -51,6 +51,7 @@ __all__ = [
     "client",
     "copy_tree",
     "exists",
+    "get_file",
     "is_s3_url",
     "join",
     "list_dir",
@@ -576,20 +577,48 @@ def remove_tree(url: str | Path, *, s3: S3Config | None = None) -> None:
         _retried(url, s3, lambda c, b, _: c.delete_objects(Bucket=b, Delete={"Objects": batch, "Quiet": True}))
 
 
-def copy_tree(source: str | Path, target: str | Path, *, s3: S3Config | None = None) -> list[str]:
+def get_file(url: str | Path, local: str | Path, *, s3: S3Config | None = None) -> None:
+    """Stores the file or object ``url`` as the local file ``local``, streamed to disk (in parallel parts above
+    :data:`MULTIPART_BYTES`, so a multi-GiB checkpoint shard never sits in memory) and atomically.
+
+    Raises:
+        FileNotFoundError: it does not exist.
+    """
+    url, target = str(url), Path(local).expanduser()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}{TMP_SUFFIX}")
+    if not is_s3_url(url):
+        shutil.copyfile(Path(url).expanduser(), tmp)
+    else:
+        from boto3.s3.transfer import TransferConfig
+
+        transfer = TransferConfig(multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES)
+        _retried(url, s3, lambda c, bucket, key: c.download_file(bucket, key, str(tmp), Config=transfer))
+    os.replace(tmp, target)
+
+
+def copy_tree(
+    source: str | Path, target: str | Path, *, s3: S3Config | None = None, include: Callable[[str], bool] | None = None
+) -> list[str]:
     """Copies every file below the folder ``source`` to below ``target`` (either side local or ``s3://``).
+
+    Args:
+        source: The folder or prefix to copy.
+        target: Where its files go.
+        s3: S3 settings.
+        include: Copy only the relative names it accepts (every file when None).
 
     Returns:
         The relative names copied.
     """
     source, target = str(source), str(target)
-    names = _walk(source, s3)
+    names = [name for name in _walk(source, s3) if include is None or include(name)]
     for name in names:
         src, dst = join(source, name), join(target, name)
         if not is_s3_url(src):
             put_file(src, dst, s3=s3)
         elif not is_s3_url(dst):
-            write_bytes(dst, read_bytes(src, s3=s3))
+            get_file(src, dst, s3=s3)
         else:
             bucket, key = split_s3_url(src)
             _retried(dst, s3, lambda c, b, k: c.copy({"Bucket": bucket, "Key": key}, b, k))  # multipart when large

@@ -146,6 +146,8 @@ def test_copy_tree_both_ways_and_remove_tree(root: str, tmp_path: Path) -> None:
     back = tmp_path / "back"
     storage.copy_tree(target, back)
     assert (back / "deepspeed" / "step" / "model.pt").read_bytes() == b"weights"
+    only = storage.copy_tree(target, tmp_path / "only", include=lambda name: not name.startswith("deepspeed/"))
+    assert only == ["trainer_state.json"] and not (tmp_path / "only" / "deepspeed").exists()
     storage.remove_tree(target)
     assert storage.list_dir(root) == [] and storage.list_dir(target) == []
 
@@ -163,6 +165,11 @@ def test_put_file_multipart(root: str, tmp_path: Path, monkeypatch: pytest.Monke
     if storage.is_s3_url(root):
         bucket, key = split_s3_url(url)
         assert storage.client().head_object(Bucket=bucket, Key=key)["ETag"].strip('"').endswith("-3")
+    storage.get_file(url, tmp_path / "down" / "big.tar")  # streamed to disk, in parts too
+    assert (tmp_path / "down" / "big.tar").read_bytes() == data
+    assert [p.name for p in (tmp_path / "down").iterdir()] == ["big.tar"]  # no temporary file left
+    with pytest.raises(FileNotFoundError):
+        storage.get_file(storage.join(root, "missing.tar"), tmp_path / "down" / "missing.tar")
 
 
 def test_local_writes_are_atomic(tmp_path: Path) -> None:

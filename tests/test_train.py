@@ -4,6 +4,7 @@ MLflow server and the real S3 server as checkpoint storage."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from pipeline.config import DataConfig, parse_recipe
 from pipeline.services import MLflowServer
 from pipeline.tracking import start_run
 from pipeline.train.launch import fit_stage, run_name
+from pipeline.train.run_folder import fetch_checkpoint, latest_checkpoint
 from pipeline.train.weights import model_spec
 
 pytestmark = pytest.mark.slow
@@ -80,7 +82,7 @@ def _s3_objects(s3_server, bucket, prefix=""):
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def test_zero3_stage_with_mlflow_server_and_s3_storage(digits, mlflow_server, s3_server, s3_bucket, s3_env):
+def test_zero3_stage_with_mlflow_server_and_s3_storage(digits, mlflow_server, s3_server, s3_bucket, s3_env, tmp_path):
     secret = s3_env["AWS_SECRET_ACCESS_KEY"]
     recipe = _recipe(digits, f"s3://{s3_bucket}/runs", name="zero3", deepspeed={"zero_stage": 3},
                      regularize={"ema_decay": 0.9, "mixup": 0.8, "cutmix": 1.0})
@@ -119,6 +121,23 @@ def test_zero3_stage_with_mlflow_server_and_s3_storage(digits, mlflow_server, s3
     body = s3_server.client().get_object(Bucket=s3_bucket, Key=exports[-1].replace("model.", "ema."))["Body"].read()
     ema = load(body)
     assert set(ema) == set(model.state_dict()) - {k for k, _ in model.named_buffers()}
+
+    # a resuming rank fetches its own ZeRO-3 shards and the common files, not the other rank's nor the export
+    latest = latest_checkpoint(recipe, recipe.stages[0])
+    for rank in (0, 1):
+        fetched = _files(fetch_checkpoint(latest, tmp_path / f"rank{rank}", rank=rank, world_size=2, s3=recipe.s3))
+        owners = {int(m.group(1)) for n in fetched if (m := re.search(r"(?:rng_rank|zero_pp_rank_)(\d+)", n))}
+        assert owners == {rank}, fetched  # nothing of the other rank's
+        shards = {n.rsplit("mp_rank_00_", 1)[-1] for n in fetched if f"zero_pp_rank_{rank}_" in n}
+        assert shards == {"model_states.pt", "optim_states.pt"}, fetched
+        assert {"trainer_state.json", "ema.safetensors"} <= fetched and not any(n.startswith("export/") for n in fetched)
+    # on another world size: the consolidated weights only
+    fetched = _files(fetch_checkpoint(latest, tmp_path / "world1", rank=0, world_size=1, s3=recipe.s3))
+    assert fetched == {"trainer_state.json", "ema.safetensors", "export/model.safetensors"}
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 
 def test_resume_onto_fewer_workers(digits, tmp_path, capfd):

@@ -34,13 +34,13 @@ from safetensors.torch import load_file, save_file
 from pipeline.train.ema import ShardedEma
 from pipeline.train.deepspeed_fixes import refresh_master_weights
 from pipeline.train.engine import load_weights, zero3_gathered
+from pipeline.train.run_folder import STATE_FILE
 
 __all__ = ["TrainerState", "export_weights", "load_checkpoint", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 DS_TAG = "step"
-STATE_FILE = "trainer_state.json"
 
 
 @dataclass

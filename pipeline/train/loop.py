@@ -25,6 +25,7 @@ import psutil
 import torch
 
 import revcol
+from pipeline import storage
 from pipeline.config import Recipe, StageConfig
 from pipeline.data.stream import StreamPosition, iter_train_batches, skipped_counts
 from pipeline.data.transforms import mix_seed
@@ -33,7 +34,7 @@ from pipeline.train.ema import ShardedEma
 from pipeline.train.engine import Objective, build_engine, build_model, deepspeed_config, largest_param
 from pipeline.train.job import WorkerJob
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
-from pipeline.train.run_folder import keep_best, latest_checkpoint, write_file
+from pipeline.train.run_folder import fetch_checkpoint, keep_best, latest_checkpoint, write_file
 from pipeline.train.validate import evaluate_stream
 from pipeline.train.weights import MODEL_METADATA_KEY
 
@@ -180,22 +181,23 @@ def train_func(config: dict[str, Any]) -> None:
     state = TrainerState(world_size=world, zero_stage=stage.deepspeed.zero_stage)
     position = StreamPosition()
     checkpoint = ray.train.get_checkpoint()
-    found = None
-    resume_copy = Path(tempfile.mkdtemp(prefix="revcol-resume-"))  # a remote checkpoint's local copy
-    if checkpoint is None:
-        found = latest_checkpoint(recipe, stage, into=resume_copy)
-    if checkpoint is not None or found is not None:
-        if checkpoint is not None:
-            with checkpoint.as_directory() as folder:
-                state = load_checkpoint(engine, Path(folder), ema=ema)
-        else:
-            logger.info("rank %d: resuming from %s (found in storage)", rank, found)
-            state = load_checkpoint(engine, found, ema=ema)
+    if checkpoint is not None:  # Ray Train's checkpoint lives in storage_path: bucket/prefix/... on S3
+        resume_from = f"s3://{checkpoint.path}" if storage.is_s3_url(recipe.storage_path) else checkpoint.path
+    else:
+        resume_from = latest_checkpoint(recipe, stage)
+        if resume_from is not None:
+            logger.info("rank %d: resuming from %s (found in storage)", rank, resume_from)
+    if resume_from is not None:
+        resume_copy = Path(tempfile.mkdtemp(prefix="revcol-resume-"))  # this rank's files of a remote checkpoint
+        try:
+            folder = fetch_checkpoint(resume_from, resume_copy, rank=rank, world_size=world, s3=recipe.s3)
+            state = load_checkpoint(engine, folder, ema=ema)
+        finally:
+            shutil.rmtree(resume_copy, ignore_errors=True)
         if state.stream:
             position = StreamPosition.from_state_dict(state.stream)
         logger.info("rank %d resumed at step %d (epoch %d, %d samples of it consumed)", rank, state.step,
                     state.epoch, position.num_consumed)
-    shutil.rmtree(resume_copy, ignore_errors=True)
     # Progress is counted in samples, so that a run resumed on another number of workers continues its schedule at
     # the same point and ends after the same number of samples (to within the drop-last of an epoch's split).
     total_steps = state.step + math.ceil(

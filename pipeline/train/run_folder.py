@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.config import Recipe, StageConfig
+from pipeline.config import Recipe, S3Config, StageConfig
 
-__all__ = ["BEST_PREFIX", "keep_best", "latest_checkpoint", "read_file", "run_name", "run_url", "write_file"]
+__all__ = ["BEST_PREFIX", "fetch_checkpoint", "keep_best", "latest_checkpoint", "read_file", "run_name", "run_url", "write_file"]
 
 logger = logging.getLogger(__name__)
 
+STATE_FILE = "trainer_state.json"
+"""A checkpoint's counters, world size and stream position (written by rank 0)."""
 BEST_PREFIX = "best_step"
 """Folder name prefix of the best checkpoint (``best_step000000120``)."""
 
@@ -50,8 +53,8 @@ def read_file(recipe: Recipe, stage: StageConfig, name: str) -> bytes | None:
         return None
 
 
-def latest_checkpoint(recipe: Recipe, stage: StageConfig, *, into: Path) -> Path | None:
-    """The newest complete checkpoint in the stage's run folder, copied to ``into`` when remote; None if none.
+def latest_checkpoint(recipe: Recipe, stage: StageConfig) -> str | None:
+    """The URL of the newest complete checkpoint in the stage's run folder; None if there is none.
 
     Ray Train hands a restarted worker group the last checkpoint its controller registered; a worker killed right
     after reporting can take that registration with it. Complete means the trainer state and every rank's RNG
@@ -66,15 +69,48 @@ def latest_checkpoint(recipe: Recipe, stage: StageConfig, *, into: Path) -> Path
                         reverse=True):
         checkpoint = storage.join(folder, entry.name)
         names = {e.name for e in storage.list_dir(checkpoint, s3=recipe.s3)}
-        if "trainer_state.json" not in names:
+        if STATE_FILE not in names:
             continue
-        world = json.loads(storage.read_bytes(storage.join(checkpoint, "trainer_state.json"), s3=recipe.s3))
+        world = json.loads(storage.read_bytes(storage.join(checkpoint, STATE_FILE), s3=recipe.s3))
         if all(f"rng_rank{r}.pt" in names for r in range(world["world_size"])):
-            if not storage.is_s3_url(checkpoint):
-                return Path(checkpoint)
-            storage.copy_tree(checkpoint, into, s3=recipe.s3)
-            return into
+            return checkpoint
     return None
+
+
+_RANK_FILE = re.compile(r"(?:^|/)(?:rng_rank|(?:bf16_)?zero_pp_rank_)(\d+)[._]")
+"""A file of one rank's own (``rng_rank3.pt``, ``deepspeed/step/zero_pp_rank_3_mp_rank_00_optim_states.pt``)."""
+
+
+def fetch_checkpoint(url: str, into: Path, *, rank: int, world_size: int, s3: S3Config | None) -> Path:
+    """A folder holding what ``rank`` reads to resume from the checkpoint at ``url`` (layout in
+    :mod:`pipeline.train.checkpoint`): ``url`` itself when local; from S3, a copy in ``into`` of only those files.
+
+    On the world size that wrote it, a rank reads its own ZeRO shard(s) and RNG states and the common files
+    (trainer state, EMA, ZeRO-1/2's module states), not the other ranks' shards nor the exported weights; on
+    another world size it reads the consolidated weights instead (the export, else every shard for DeepSpeed to
+    consolidate). For RevCol-H under ZeRO-3 on 64 ranks that is 1/64 of the optimizer state per rank, not all of it.
+    """
+    if not storage.is_s3_url(url):
+        return Path(url)
+    saved = json.loads(storage.read_bytes(storage.join(url, STATE_FILE), s3=s3))
+    top = {e.name for e in storage.list_dir(url, s3=s3)}
+    has_export = storage.exists(storage.join(url, "export", "model.safetensors"), s3=s3)
+    resume_state = saved["world_size"] == world_size and "deepspeed" in top
+
+    def needed(name: str) -> bool:
+        if name in (STATE_FILE, "ema.safetensors"):
+            return True
+        if resume_state:
+            own = _RANK_FILE.search(name)
+            return not name.startswith("export/") and (own is None or int(own.group(1)) == rank)
+        if has_export:
+            return name == "export/model.safetensors"
+        return name.startswith("deepspeed/")
+
+    copied = storage.copy_tree(url, into, s3=s3, include=needed)
+    logger.info("rank %d: fetched %d files of checkpoint %s (%s)", rank, len(copied), url,
+                "its own shards and the common files" if resume_state else "the consolidated weights")
+    return into
 
 
 def keep_best(local: Path, recipe: Recipe, stage: StageConfig, *, step: int) -> str:
