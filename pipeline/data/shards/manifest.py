@@ -27,7 +27,7 @@ from pipeline.config import S3Config
 
 __all__ = ["FORMAT_VERSION", "INDEX_COLUMNS", "INDEX_NAME", "MANIFEST_NAME", "MANIFEST_VERSION", "PARTIAL_MANIFEST_NAME",
            "SHARD_RE", "Destination", "ShardIndex", "dump_json", "iter_records", "load_json",
-           "read_destination_manifest", "read_index", "read_manifest", "shard_name", "shard_number",
+           "read_destination_manifest", "read_index", "read_manifest", "read_records", "shard_name", "shard_number",
            "write_index"]
 
 FORMAT_VERSION = 1
@@ -190,6 +190,20 @@ def read_manifest(dest: str, *, s3_config: S3Config | None = None) -> dict[str, 
         pipeline.storage.S3AccessError: the S3 destination cannot be used.
     """
     return read_destination_manifest(Destination(dest, s3_config=s3_config))
+
+
+def read_records(dest: str, *, s3_config: S3Config | None = None) -> Iterator[dict[str, Any]]:
+    """The shard records of the manifest at ``dest`` (either version), as :func:`iter_records` yields them.
+
+    Args:
+        dest: A folder or ``s3://bucket/prefix``.
+        s3_config: S3 settings (default: the AWS variables).
+
+    Returns:
+        An iterator of records, in shard order.
+    """
+    store = Destination(dest, s3_config=s3_config)
+    return iter_records(store, read_destination_manifest(store))
 
 
 def read_destination_manifest(store: Destination) -> dict[str, Any]:
