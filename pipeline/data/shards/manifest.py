@@ -15,7 +15,7 @@ import json
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -27,7 +27,8 @@ from pipeline.config import S3Config
 
 __all__ = ["FORMAT_VERSION", "INDEX_COLUMNS", "INDEX_NAME", "MANIFEST_NAME", "MANIFEST_VERSION", "PARTIAL_MANIFEST_NAME",
            "SHARD_RE", "Destination", "ShardIndex", "dump_json", "iter_records", "load_json",
-           "read_destination_manifest", "read_index", "read_manifest", "read_records", "shard_name", "shard_number",
+           "index_table", "read_destination_manifest", "read_index", "read_manifest", "read_records", "shard_name", "shard_number",
+           "shards_fingerprint",
            "write_index"]
 
 FORMAT_VERSION = 1
@@ -245,31 +246,90 @@ class ShardIndex:
         return int(self.samples.size)
 
 
-def write_index(store: Destination, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Writes ``shards.parquet`` from the shard records (``shard_name(0)``, ``shard_name(1)``, ... in order).
+_FINGERPRINT_CHUNK = 65536
+"""Shards formatted at a time while hashing a fingerprint."""
+
+
+def shards_fingerprint(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> str:
+    """The dataset fingerprint of a list of shards: the digest of ``json.dumps([[name, sha256 hex, samples],
+    ...])``, as the stream has defined it since the first manifests (positions and MLflow datasets are keyed by
+    it, so it stays the same whichever manifest version lists the shards). Written out a chunk at a time: no list
+    of every shard is built.
+
+    Args:
+        parts: Consecutive runs of shards, each ``(shard numbers, (n, 32) uint8 digests, samples)``.
+
+    Returns:
+        32 hex digits.
+    """
+    digest = hashlib.sha256(b"[")
+    separator = b""
+    for numbers, digests, samples in parts:
+        for lo in range(0, numbers.size, _FINGERPRINT_CHUNK):
+            hi = lo + _FINGERPRINT_CHUNK
+            hexes = digests[lo:hi].tobytes().hex()
+            text = ", ".join(
+                f'["{shard_name(n)}", "{hexes[64 * k:64 * k + 64]}", {count}]'
+                for k, (n, count) in enumerate(zip(numbers[lo:hi].tolist(), samples[lo:hi].tolist(), strict=True))
+            )
+            digest.update(separator + text.encode())
+            separator = b", "
+    digest.update(b"]")
+    return digest.hexdigest()[:32]
+
+
+def index_table(
+    *,
+    samples: Any,
+    sizes: Any,
+    sha256: np.ndarray,
+    source_start: Any,
+    source_stop: Any,
+    skipped: Sequence[str | None] | None = None,
+) -> Any:
+    """The shard index as a ``pyarrow.Table`` of :data:`INDEX_COLUMNS`, row ``i`` for ``shard_name(i)``.
+
+    Args:
+        samples: ``(N,)`` samples per shard.
+        sizes: ``(N,)`` bytes per shard.
+        sha256: ``(N, 32)`` uint8 digests.
+        source_start: ``(N,)`` first source item of each shard.
+        source_stop: ``(N,)`` end (exclusive) of each shard's source items.
+        skipped: Per shard, its skipped-file counts as JSON text or None; None for no skips at all.
+
+    Returns:
+        The table.
+    """
+    import pyarrow as pa
+
+    digests = np.ascontiguousarray(sha256, dtype=np.uint8)
+    if digests.ndim != 2 or digests.shape[1] != 32:
+        raise ValueError(f"sha256 must be (N, 32) bytes, got shape {digests.shape}")
+    count = digests.shape[0]
+    return pa.table({
+        "samples": pa.array(np.asarray(samples, dtype=np.int64)),
+        "bytes": pa.array(np.asarray(sizes, dtype=np.int64)),
+        "sha256": pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), count, [None, pa.py_buffer(digests)]),
+        "source_start": pa.array(np.asarray(source_start, dtype=np.int64)),
+        "source_stop": pa.array(np.asarray(source_stop, dtype=np.int64)),
+        "skipped": pa.array([None] * count if skipped is None else list(skipped), pa.string()),
+    })
+
+
+def write_index(store: Destination, table: Any) -> dict[str, Any]:
+    """Stores ``shards.parquet`` (zstd-compressed Parquet of :func:`index_table`'s table).
 
     Args:
         store: The destination.
-        records: Shard records as the writer builds them (name, samples, bytes, sha256, source_range, skipped).
+        table: The index.
 
     Returns:
         The header's ``index`` entry: ``{"name", "bytes", "sha256"}`` of the file written.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for i, record in enumerate(records):
-        if record["name"] != shard_name(i):
-            raise ValueError(f"shard record {i} is named {record['name']!r}, expected {shard_name(i)!r}")
-    table = pa.table({
-        "samples": pa.array([int(r["samples"]) for r in records], pa.int64()),
-        "bytes": pa.array([int(r["bytes"]) for r in records], pa.int64()),
-        "sha256": pa.array([bytes.fromhex(r["sha256"]) for r in records], pa.binary(32)),
-        "source_start": pa.array([int(r["source_range"][0]) for r in records], pa.int64()),
-        "source_stop": pa.array([int(r["source_range"][1]) for r in records], pa.int64()),
-        "skipped": pa.array([json.dumps(r["skipped"], sort_keys=True) if r.get("skipped") else None
-                             for r in records], pa.string()),
-    })
+    if table.column_names != list(INDEX_COLUMNS):
+        raise ValueError(f"a shard index has the columns {list(INDEX_COLUMNS)}, got {table.column_names}")
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     data = buffer.getvalue()

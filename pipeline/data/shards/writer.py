@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 from pipeline import __version__, storage
 from pipeline.config import S3Config
 from pipeline.data.shards.manifest import (
@@ -25,9 +27,11 @@ from pipeline.data.shards.manifest import (
     SHARD_RE,
     Destination,
     dump_json,
+    index_table,
     iter_records,
     load_json,
     shard_name,
+    shards_fingerprint,
     write_index,
 )
 from pipeline.data.shards.sources import (
@@ -189,6 +193,7 @@ def write_shards(
              "seed": 0, "shard_size": 1000, "shard_bytes": null, "encoding": "<image encoding policy>",
              "classes": ["name of class 0", ...], "num_classes": 10, "num_samples": 1797,
              "skipped": {"<kind of unreadable file>": count}, "num_shards": 2,
+             "shards_fingerprint": "<the stream's dataset fingerprint of all the shards (shards_fingerprint)>",
              "index": {"name": "shards.parquet", "bytes": <size>, "sha256": "<hex of the file>"},
              "sample_fields": {"jpg|png": "...", "cls": "...", "json": "..."}, "created_by": "revcol-pipeline X"}
 
@@ -388,12 +393,14 @@ def _write_all(
     if num_samples == 0:
         raise ValueError(f"source {header['source']['spec']!r}: no readable images (skipped: {dict(skipped)})")
     # The index first: a manifest.json names an index that is in place and matches it.
-    index = write_index(store, records)
+    table, fingerprint = _index_of(records)
+    index = write_index(store, table)
     manifest = {
         **header,
         "complete": True,
         "num_samples": num_samples,
         "num_shards": len(records),
+        "shards_fingerprint": fingerprint,
         "skipped": dict(sorted(skipped.items())),
         "index": index,
     }
@@ -401,6 +408,25 @@ def _write_all(
     store.delete(PARTIAL_MANIFEST_NAME)
     logger.info("%s: %d samples in %d shard(s), %d class(es)", store.url, num_samples, len(records), len(src.classes))
     return manifest
+
+
+def _index_of(records: list[dict[str, Any]]) -> tuple[Any, str]:
+    """The shard index of the records (``shard_name(0)``, ``shard_name(1)``, ... in order) and the stream's
+    fingerprint of them, recorded in the header so a reader of the whole corpus need not hash every shard's entry."""
+    for i, record in enumerate(records):
+        if record["name"] != shard_name(i):
+            raise ValueError(f"shard record {i} is named {record['name']!r}, expected {shard_name(i)!r}")
+    samples = np.array([int(r["samples"]) for r in records], dtype=np.int64)
+    digests = np.frombuffer(b"".join(bytes.fromhex(r["sha256"]) for r in records), dtype=np.uint8).reshape(-1, 32)
+    table = index_table(
+        samples=samples,
+        sizes=[int(r["bytes"]) for r in records],
+        sha256=digests,
+        source_start=[int(r["source_range"][0]) for r in records],
+        source_stop=[int(r["source_range"][1]) for r in records],
+        skipped=[json.dumps(r["skipped"], sort_keys=True) if r.get("skipped") else None for r in records],
+    )
+    return table, shards_fingerprint([(np.arange(len(records)), digests, samples)])
 
 
 def _write_range(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,10 +17,6 @@ from pipeline.data.stream.skips import DataSkipError, skip_budget
 __all__ = ["ShardRef", "ShardSet", "check_inputs", "resolve_shards"]
 
 logger = logging.getLogger(__name__)
-
-
-_FINGERPRINT_CHUNK = 65536
-"""Shards formatted at a time while hashing the fingerprint."""
 
 
 @dataclass(frozen=True)
@@ -95,29 +91,6 @@ class ShardSet:
                         samples=int(self.samples[shard]), bytes=int(self.bytes[shard]))
 
 
-def _fingerprint(parts: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> str:
-    """The digest of ``json.dumps([[name, sha256 hex, samples], ...])`` over the shards of ``parts`` (each
-    ``(numbers, (n, 32) digests, samples)``), as it has been defined since the first manifests, so positions
-    saved against either manifest version keep their dataset. Written out a chunk at a time: no list of every
-    shard is built."""
-    from pipeline.data.shards import shard_name
-
-    digest = hashlib.sha256(b"[")
-    separator = b""
-    for numbers, digests, samples in parts:
-        for lo in range(0, numbers.size, _FINGERPRINT_CHUNK):
-            hi = lo + _FINGERPRINT_CHUNK
-            hexes = digests[lo:hi].tobytes().hex()
-            text = ", ".join(
-                f'["{shard_name(n)}", "{hexes[64 * k:64 * k + 64]}", {count}]'
-                for k, (n, count) in enumerate(zip(numbers[lo:hi].tolist(), samples[lo:hi].tolist(), strict=True))
-            )
-            digest.update(separator + text.encode())
-            separator = b", "
-    digest.update(b"]")
-    return digest.hexdigest()[:32]
-
-
 def resolve_shards(spec: str | Sequence[str], *, s3_cfg: S3Config | None = None) -> ShardSet:
     """Resolves a data spec into its shards through their manifests (either manifest version).
 
@@ -142,13 +115,15 @@ def resolve_shards(spec: str | Sequence[str], *, s3_cfg: S3Config | None = None)
         read_destination_manifest,
         read_index,
         shard_number,
+        shards_fingerprint,
     )
 
     items = [spec] if isinstance(spec, str) else list(spec)
     if not items:
         raise ValueError("data spec is empty (expected a manifest, a folder/prefix or a list of shards)")
     folders: dict[str, int] = {}
-    indexes: list[ShardIndex] = []
+    opened: list[tuple[Destination, dict[str, Any]]] = []
+    indexes: list[ShardIndex] = []  # without the digests, which only an uncached fingerprint needs
     classes_of: list[list[str]] = []
 
     def folder_of(folder: str) -> int:
@@ -158,12 +133,13 @@ def resolve_shards(spec: str | Sequence[str], *, s3_cfg: S3Config | None = None)
             manifest = read_destination_manifest(store)
             if not isinstance(manifest.get("classes"), list):
                 raise ValueError(f"{storage.join(folder, MANIFEST_NAME)} is not a shards manifest (no 'classes')")
-            indexes.append(read_index(store, manifest))
+            opened.append((store, manifest))
+            indexes.append(read_index(store, manifest, sha256=False))
             classes_of.append([str(c) for c in manifest["classes"]])
             folders[folder] = len(folders)
         return folders[folder]
 
-    picked: list[tuple[int, np.ndarray]] = []  # (folder id, shard numbers in it)
+    picked: list[tuple[int, np.ndarray | None]] = []  # (folder id, shard numbers in it; None: all of them)
     classes: list[str] | None = None
     for item in items:
         if not isinstance(item, str) or not item:
@@ -184,21 +160,35 @@ def resolve_shards(spec: str | Sequence[str], *, s3_cfg: S3Config | None = None)
             else:
                 folder = url.rstrip("/")
             fid = folder_of(folder)
-            numbers = np.arange(len(indexes[fid]), dtype=np.int64)
+            numbers = None
         if classes is None:
             classes = classes_of[fid]
         elif classes != classes_of[fid]:
             raise ValueError(f"data spec {item!r}: its classes differ from the other manifests' of the spec")
         picked.append((fid, numbers))
 
-    samples = np.concatenate([indexes[f].samples[n] for f, n in picked])
-    fingerprint = _fingerprint((n, indexes[f].sha256[n], indexes[f].samples[n]) for f, n in picked)  # type: ignore[index]
+    recorded = opened[picked[0][0]][1].get("shards_fingerprint")
+    if len(picked) == 1 and picked[0][1] is None and isinstance(recorded, str):
+        fingerprint = recorded  # one whole corpus: its writer recorded the digest of all its shards
+    else:
+        digests: dict[int, np.ndarray] = {}
+        for fid, _ in picked:
+            if fid not in digests:
+                digests[fid] = read_index(*opened[fid]).sha256  # type: ignore[assignment]
+        fingerprint = shards_fingerprint(
+            (np.arange(len(indexes[f])) if n is None else n, digests[f] if n is None else digests[f][n],
+             indexes[f].samples if n is None else indexes[f].samples[n])
+            for f, n in picked
+        )
+    picked_numbers = [np.arange(len(indexes[f]), dtype=np.int64) if n is None else n for f, n in picked]
+    samples = np.concatenate([indexes[f].samples[n] for (f, _), n in zip(picked, picked_numbers, strict=True)])
     return ShardSet(
         folders=tuple(folders),
-        folder=np.concatenate([np.full(n.size, f, dtype=np.int32) for f, n in picked]),
-        number=np.concatenate([n for _, n in picked]),
+        folder=np.concatenate([np.full(n.size, f, dtype=np.int32) for (f, _), n in zip(picked, picked_numbers,
+                                                                                         strict=True)]),
+        number=np.concatenate(picked_numbers),
         samples=samples,
-        bytes=np.concatenate([indexes[f].bytes[n] for f, n in picked]),
+        bytes=np.concatenate([indexes[f].bytes[n] for (f, _), n in zip(picked, picked_numbers, strict=True)]),
         classes=tuple(classes or ()),
         num_samples=int(samples.sum()),
         fingerprint=fingerprint,
