@@ -260,7 +260,7 @@ def _manifest_rows(num_shards: int, samples: int, where: str, root: str, scratch
         row: dict[str, Any] = {"measure": f"manifest_{step}", "shards": num_shards, "where": where,
                                "ours": ours[step], "baseline": previous[step] if previous else None}
         if previous:
-            keys = ("s", "peak_mib") + (("task_bytes",) if step == "planning" else ())
+            keys = ("s", "cpu_s", "peak_mib") + (("task_bytes",) if step == "planning" else ())
             row["ratio"] = {k: round(previous[step][k] / max(ours[step][k], 1e-3), 1) for k in keys}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -411,8 +411,10 @@ def _manifest_summary(rows: list[dict[str, Any]], largest: int) -> dict[str, Any
     for where in ("disk", "s3"):
         steps = {r["measure"]: r["ours"] for r in rows if r["shards"] == largest and r["where"] == where}
         seconds = steps["manifest_resolve"]["s"] + steps["manifest_planning"]["s"]
+        cpu = steps["manifest_resolve"]["cpu_s"] + steps["manifest_planning"]["cpu_s"]
         peak = max(steps["manifest_resolve"]["peak_mib"], steps["manifest_planning"]["peak_mib"])
         summary[f"{where}_resolve_plus_planning_s"] = round(seconds, 3)
+        summary[f"{where}_resolve_plus_planning_cpu_s"] = round(cpu, 3)
         summary[f"{where}_peak_mib"] = peak
         summary[f"{where}_ok"] = seconds <= 10.0 and peak <= 1024
     return summary

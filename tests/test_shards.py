@@ -328,6 +328,9 @@ def test_index_beside_a_small_header(image_folder: Path, tmp_path: Path) -> None
     assert table.column("samples").to_pylist() == [3, 3, 2]
     assert [d.hex() for d in table.column("sha256").to_pylist()] == [
         hashlib.sha256((tmp_path / f"shard-00000{i}.tar").read_bytes()).hexdigest() for i in range(3)]
+    # The stream's dataset fingerprint, recorded once: the digest of every shard's name, sha256 and samples.
+    listed = [[r["name"], r["sha256"], r["samples"]] for r in read_records(str(tmp_path))]
+    assert manifest["shards_fingerprint"] == hashlib.sha256(json.dumps(listed).encode()).hexdigest()[:32]
 
 
 def test_version1_manifest_still_read_and_upgraded(image_folder: Path, tmp_path: Path, as_version1: Any) -> None:
