@@ -167,28 +167,23 @@ def resolve_shards(spec: str | Sequence[str], *, s3_cfg: S3Config | None = None)
             raise ValueError(f"data spec {item!r}: its classes differ from the other manifests' of the spec")
         picked.append((fid, numbers))
 
-    recorded = opened[picked[0][0]][1].get("shards_fingerprint")
+    folder_ids = [f for f, _ in picked]
+    numbers = [np.arange(len(indexes[f]), dtype=np.int64) if n is None else n for f, n in picked]
+    recorded = opened[folder_ids[0]][1].get("shards_fingerprint")
     if len(picked) == 1 and picked[0][1] is None and isinstance(recorded, str):
         fingerprint = recorded  # one whole corpus: its writer recorded the digest of all its shards
     else:
-        digests: dict[int, np.ndarray] = {}
-        for fid, _ in picked:
-            if fid not in digests:
-                digests[fid] = read_index(*opened[fid]).sha256  # type: ignore[assignment]
+        digests = {f: read_index(*opened[f]).sha256 for f in dict.fromkeys(folder_ids)}
         fingerprint = shards_fingerprint(
-            (np.arange(len(indexes[f])) if n is None else n, digests[f] if n is None else digests[f][n],
-             indexes[f].samples if n is None else indexes[f].samples[n])
-            for f, n in picked
+            (n, digests[f][n], indexes[f].samples[n]) for f, n in zip(folder_ids, numbers, strict=True)  # type: ignore[index]
         )
-    picked_numbers = [np.arange(len(indexes[f]), dtype=np.int64) if n is None else n for f, n in picked]
-    samples = np.concatenate([indexes[f].samples[n] for (f, _), n in zip(picked, picked_numbers, strict=True)])
+    samples = np.concatenate([indexes[f].samples[n] for f, n in zip(folder_ids, numbers, strict=True)])
     return ShardSet(
         folders=tuple(folders),
-        folder=np.concatenate([np.full(n.size, f, dtype=np.int32) for (f, _), n in zip(picked, picked_numbers,
-                                                                                         strict=True)]),
-        number=np.concatenate(picked_numbers),
+        folder=np.concatenate([np.full(n.size, f, dtype=np.int32) for f, n in zip(folder_ids, numbers, strict=True)]),
+        number=np.concatenate(numbers),
         samples=samples,
-        bytes=np.concatenate([indexes[f].bytes[n] for (f, _), n in zip(picked, picked_numbers, strict=True)]),
+        bytes=np.concatenate([indexes[f].bytes[n] for f, n in zip(folder_ids, numbers, strict=True)]),
         classes=tuple(classes or ()),
         num_samples=int(samples.sum()),
         fingerprint=fingerprint,
