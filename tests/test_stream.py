@@ -388,7 +388,8 @@ def test_version1_corpus_streams_the_same(ray_cluster: Path, local_shards: tuple
     shutil.copytree(dest, old)
     as_version1(old)
     assert resolve_shards(str(old)).fingerprint == resolve_shards(str(dest)).fingerprint
-    cfg_new, cfg_old = _cfg(str(dest), shuffle_buffer=0), _cfg(str(old), shuffle_buffer=0)
+    cfg_new = _cfg(str(dest), val=str(dest), shuffle_buffer=0)
+    cfg_old = _cfg(str(old), val=str(old), shuffle_buffer=0)
     new_batches = list(iter_train_batches(build_train_dataset(cfg_new, model_name=MODEL, data_cpus=2), batch_size=16,
                                           position=StreamPosition()))
     position = StreamPosition()
