@@ -51,7 +51,7 @@ def _cmd_shards_write(args: argparse.Namespace) -> int:
         print_json(
             {
                 "dest": args.dest,
-                "shards": len(manifest["shards"]),
+                "shards": manifest["num_shards"],
                 "samples": manifest["num_samples"],
                 "num_classes": manifest["num_classes"],
                 "split": args.split,

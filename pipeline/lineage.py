@@ -47,10 +47,10 @@ _SCHEMA = {"mlflow_colspec": [{"type": "binary", "name": "image", "required": Tr
 def _dataset(shards: ShardSet) -> Any:
     from mlflow.entities import Dataset
 
-    folders = list(dict.fromkeys(storage.parent(ref.url)[0] for ref in shards.shards))
+    folders = list(shards.folders)
     source = {"uri": folders[0], **({"uris": folders} if len(folders) > 1 else {})}
     profile = {"num_samples": shards.num_samples, "num_classes": shards.num_classes,
-               "num_shards": len(shards.shards), "classes": list(shards.classes)}
+               "num_shards": shards.num_shards, "classes": list(shards.classes)}
     return Dataset(
         name=folders[0].rstrip("/").rsplit("/", 1)[-1], digest=shards.fingerprint,
         source_type="s3" if storage.is_s3_url(folders[0]) else "local", source=json.dumps(source),

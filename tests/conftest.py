@@ -3,12 +3,16 @@
 * ``s3_server`` (session): a ``moto_server`` S3 API (``pipeline.services.S3Server``, as ``infra/local`` uses).
 * ``mlflow_server`` (session, started only when a test asks for it): ``mlflow server`` with artifacts in S3.
 * ``s3_bucket``: a fresh bucket per test; ``s3_env``: the AWS variables pointing at ``s3_server`` for one test.
+* ``as_version1``: rewrites a local corpus with the version-1 manifest (every shard inline in ``manifest.json``).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,3 +64,23 @@ def s3_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Serve
         yield server
     finally:
         server.stop()
+
+
+def _rewrite_as_version1(dest: Path) -> dict[str, Any]:
+    from pipeline.data.shards import INDEX_NAME, MANIFEST_NAME, read_manifest, read_records
+
+    manifest = read_manifest(str(dest))
+    records = list(read_records(str(dest)))
+    old = {k: v for k, v in manifest.items() if k not in ("manifest_version", "num_shards", "index")}
+    old["shards"] = records
+    (dest / MANIFEST_NAME).write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+    (dest / INDEX_NAME).unlink()
+    return old
+
+
+@pytest.fixture
+def as_version1() -> Callable[[Path], dict[str, Any]]:
+    """Rewrites a local corpus in the version-1 manifest layout, as writers before manifest version 2 left it:
+    every shard record inline under ``shards`` in ``manifest.json``, no ``manifest_version``, no
+    ``shards.parquet``. Returns that manifest."""
+    return _rewrite_as_version1

@@ -20,11 +20,13 @@ from PIL import Image
 
 from pipeline import storage
 from pipeline.data.shards import (
+    INDEX_NAME,
     MANIFEST_NAME,
     PARTIAL_MANIFEST_NAME,
     ShardsExistError,
     parse_splits,
     read_manifest,
+    read_records,
     verify_shards,
     write_shards,
 )
@@ -128,13 +130,14 @@ def test_image_folder_local(image_folder: Path, tmp_path: Path, caplog: pytest.L
     skip_warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skip_warnings) == 2, skip_warnings  # one per kind, with its count
     assert any("broken.jpg" in m for m in skip_warnings)
-    assert [s["name"] for s in manifest["shards"]] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
-    assert [s["samples"] for s in manifest["shards"]] == [3, 3, 2]
+    records = list(read_records(str(dest)))
+    assert [s["name"] for s in records] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert [s["samples"] for s in records] == [3, 3, 2]
     assert json.loads((dest / MANIFEST_NAME).read_text()) == manifest
     assert not (dest / PARTIAL_MANIFEST_NAME).exists()
 
     seen_sources = set()
-    for record in manifest["shards"]:
+    for record in records:
         data = (dest / record["name"]).read_bytes()
         assert len(data) == record["bytes"]
         assert hashlib.sha256(data).hexdigest() == record["sha256"]
@@ -153,7 +156,7 @@ def test_image_folder_local(image_folder: Path, tmp_path: Path, caplog: pytest.L
     }
     # an RGB JPEG is stored unchanged
     original = (image_folder / "bird" / "rgb.jpg").read_bytes()
-    stored = [s for r in manifest["shards"] for s in _read_samples((dest / r["name"]).read_bytes())]
+    stored = [s for r in records for s in _read_samples((dest / r["name"]).read_bytes())]
     assert any(s.get("jpg") == original for s in stored)
 
     report = verify_shards(str(dest), progress=False)
@@ -176,8 +179,9 @@ def test_webdataset_reads_the_shards(image_folder: Path, tmp_path: Path) -> None
 def test_shard_bytes_cap(image_folder: Path, tmp_path: Path) -> None:
     cap = 8 * 1024
     manifest = write_shards(str(image_folder), str(tmp_path), shard_size=100, shard_bytes=cap, progress=False)
-    assert len(manifest["shards"]) > 1
-    for record in manifest["shards"]:
+    records = list(read_records(str(tmp_path)))
+    assert manifest["num_shards"] == len(records) > 1
+    for record in records:
         data = (tmp_path / record["name"]).read_bytes()
         payload = len(data.rstrip(b"\0"))  # the end-of-archive blocks and record padding are zeros
         assert record["samples"] == 1 or payload <= cap, record
@@ -188,7 +192,7 @@ def test_digits_deterministic(digits_local: Path, tmp_path: Path) -> None:
     assert manifest["num_samples"] == 1797
     assert manifest["classes"] == [str(i) for i in range(10)]
     assert manifest["seed"] == 0 and manifest["shard_size"] == 1000 and manifest["shard_bytes"] is None
-    assert [s["samples"] for s in manifest["shards"]] == [1000, 797]
+    assert [s["samples"] for s in read_records(str(digits_local))] == [1000, 797]
     assert manifest["source"]["kind"] == "digits" and manifest["source"]["split"] is None
     sample = _read_samples((digits_local / "shard-000000.tar").read_bytes())[0]
     image = Image.open(io.BytesIO(sample["png"]))
@@ -203,7 +207,8 @@ def test_digits_deterministic(digits_local: Path, tmp_path: Path) -> None:
     assert (tmp_path / "again" / MANIFEST_NAME).read_bytes() == (digits_local / MANIFEST_NAME).read_bytes()
 
     other = write_shards("digits", str(tmp_path / "seed1"), shard_size=1000, seed=1, progress=False)
-    assert [s["sha256"] for s in other["shards"]] != [s["sha256"] for s in manifest["shards"]]
+    assert [s["sha256"] for s in read_records(str(tmp_path / "seed1"))] != [
+        s["sha256"] for s in read_records(str(digits_local))]
     assert other["fingerprint"] != manifest["fingerprint"]
     assert other["num_samples"] == 1797
 
@@ -278,8 +283,8 @@ def test_bad_sources(tmp_path: Path) -> None:
 
 
 def test_verify_detects_damage_local(image_folder: Path, tmp_path: Path) -> None:
-    manifest = write_shards(str(image_folder), str(tmp_path), shard_size=2, progress=False)
-    names = [s["name"] for s in manifest["shards"]]
+    write_shards(str(image_folder), str(tmp_path), shard_size=2, progress=False)
+    names = [s["name"] for s in read_records(str(tmp_path))]
     assert len(names) == 4
     data0 = (tmp_path / names[0]).read_bytes()
     (tmp_path / names[0]).write_bytes(data0[: len(data0) // 3])  # truncated
@@ -309,6 +314,65 @@ def test_verify_detects_damage_local(image_folder: Path, tmp_path: Path) -> None
     assert bad[names[2]] == "missing"
     assert "undecodable" in bad[names[3]] and "00000000" in bad[names[3]]
     assert report["extra_files"] == ["shard-000099.tar"]
+
+
+def test_index_beside_a_small_header(image_folder: Path, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    manifest = write_shards(str(image_folder), str(tmp_path), shard_size=3, progress=False)
+    assert manifest["manifest_version"] == 2 and manifest["num_shards"] == 3 and "shards" not in manifest
+    index = (tmp_path / INDEX_NAME).read_bytes()
+    assert manifest["index"] == {"name": INDEX_NAME, "bytes": len(index), "sha256": hashlib.sha256(index).hexdigest()}
+    table = pq.read_table(tmp_path / INDEX_NAME)
+    assert table.column_names == ["samples", "bytes", "sha256", "source_start", "source_stop", "skipped"]
+    assert table.column("samples").to_pylist() == [3, 3, 2]
+    assert [d.hex() for d in table.column("sha256").to_pylist()] == [
+        hashlib.sha256((tmp_path / f"shard-00000{i}.tar").read_bytes()).hexdigest() for i in range(3)]
+    # The stream's dataset fingerprint, recorded once: the digest of every shard's name, sha256 and samples.
+    listed = [[r["name"], r["sha256"], r["samples"]] for r in read_records(str(tmp_path))]
+    assert manifest["shards_fingerprint"] == hashlib.sha256(json.dumps(listed).encode()).hexdigest()[:32]
+
+
+def test_version1_manifest_still_read_and_upgraded(image_folder: Path, tmp_path: Path, as_version1: Any) -> None:
+    write_shards(str(image_folder), str(tmp_path), shard_size=3, progress=False)
+    records = list(read_records(str(tmp_path)))
+    stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard-*.tar")}
+    old = as_version1(tmp_path)
+    assert list(read_records(str(tmp_path))) == records == old["shards"]
+    report = verify_shards(str(tmp_path), progress=False)
+    assert report["ok"] and report["ok_shards"] == 3 and report["samples_read"] == FOLDER_READABLE
+    (tmp_path / "shard-000002.tar").write_bytes(b"damaged")
+    assert verify_shards(str(tmp_path), progress=False)["bad_shards"]["shard-000002.tar"].startswith("truncated")
+
+    # Rerunning the write that made it rewrites the damaged shard and the manifest as version 2; the rest stays.
+    manifest = write_shards(str(image_folder), str(tmp_path), shard_size=3, progress=False)
+    assert manifest["manifest_version"] == 2 and (tmp_path / INDEX_NAME).exists()
+    assert manifest["fingerprint"] == old["fingerprint"] and list(read_records(str(tmp_path))) == records
+    assert {n: s for n, s in stamps.items() if n != "shard-000002.tar"} == {
+        p.name: p.stat().st_mtime_ns for p in tmp_path.glob("shard-*.tar") if p.name != "shard-000002.tar"}
+    assert verify_shards(str(tmp_path), progress=False)["ok"]
+
+
+def test_bad_index_or_version_named(image_folder: Path, tmp_path: Path) -> None:
+    manifest = write_shards(str(image_folder), str(tmp_path), shard_size=3, progress=False)
+    index = tmp_path / INDEX_NAME
+    good = index.read_bytes()
+    index.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(ValueError, match=f"{INDEX_NAME}.*is not the index"):
+        verify_shards(str(tmp_path), progress=False)
+    index.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{INDEX_NAME}.*missing"):
+        list(read_records(str(tmp_path)))
+    assert write_shards(str(image_folder), str(tmp_path), shard_size=3, progress=False) == manifest  # repaired
+    assert index.read_bytes() == good
+
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**manifest, "manifest_version": 3}))
+    with pytest.raises(ValueError, match="manifest_version 3"):
+        read_manifest(str(tmp_path))
+    old = {k: v for k, v in manifest.items() if k not in ("manifest_version", "num_shards", "index")}
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps({**old, "shards": [{"name": "shard-000007.tar"}]}))
+    with pytest.raises(ValueError, match="shard record 0 is 'shard-000007.tar', expected 'shard-000000.tar'"):
+        verify_shards(str(tmp_path), progress=False)
 
 
 def test_resume_local_keeps_finished_shards(digits_local: Path, tmp_path: Path) -> None:
@@ -378,7 +442,7 @@ def test_s3_write_verify_multipart(
     manifest = write_shards("digits", url, shard_size=1000, seed=0, progress=False)
     assert manifest == read_manifest(str(digits_local))
     objects = _s3_objects(s3_server, s3_bucket, "datasets/digits")
-    assert sorted(objects) == [MANIFEST_NAME, "shard-000000.tar", "shard-000001.tar"]
+    assert sorted(objects) == [MANIFEST_NAME, "shard-000000.tar", "shard-000001.tar", INDEX_NAME]
     assert "-" in objects["shard-000000.tar"]["ETag"]  # 6 MB shard: uploaded in parts
     for name, data in _shard_files(digits_local).items():
         assert _s3_get(s3_server, s3_bucket, f"datasets/digits/{name}") == data
@@ -389,8 +453,8 @@ def test_s3_write_verify_multipart(
 
 def test_s3_verify_detects_damage(image_folder: Path, s3_server: S3Server, s3_bucket: str, s3_env: dict[str, str]) -> None:
     url = f"s3://{s3_bucket}/imgs"
-    manifest = write_shards(str(image_folder), url, shard_size=3, progress=False)
-    names = [s["name"] for s in manifest["shards"]]
+    write_shards(str(image_folder), url, shard_size=3, progress=False)
+    names = [s["name"] for s in read_records(url)]
     client = s3_server.client()
     data0 = _s3_get(s3_server, s3_bucket, f"imgs/{names[0]}")
     client.put_object(Bucket=s3_bucket, Key=f"imgs/{names[0]}", Body=data0[:1000])
@@ -425,17 +489,16 @@ def test_s3_resume_keeps_finished_shards(
     time.sleep(1.1)  # LastModified has one-second resolution: a rewrite would show
 
     written: list[str] = []
-    manifest = write_shards(str(image_folder), url, shard_size=2, progress=False,
-                            on_shard=lambda r: written.append(r["name"]))
+    write_shards(str(image_folder), url, shard_size=2, progress=False, on_shard=lambda r: written.append(r["name"]))
     assert written == ["shard-000002.tar", "shard-000003.tar"]
     after = _s3_objects(s3_server, s3_bucket, "resume")
-    assert sorted(after) == [MANIFEST_NAME] + [f"shard-00000{i}.tar" for i in range(4)]
+    assert sorted(after) == [MANIFEST_NAME] + [f"shard-00000{i}.tar" for i in range(4)] + [INDEX_NAME]
     for name in ("shard-000000.tar", "shard-000001.tar"):
         assert after[name]["LastModified"] == before[name]["LastModified"]
         assert after[name]["ETag"] == before[name]["ETag"]
 
-    local = write_shards(str(image_folder), str(tmp_path), shard_size=2, progress=False)
-    assert manifest["shards"] == local["shards"]
+    write_shards(str(image_folder), str(tmp_path), shard_size=2, progress=False)
+    assert list(read_records(url)) == list(read_records(str(tmp_path)))
     for name, data in _shard_files(tmp_path).items():
         assert _s3_get(s3_server, s3_bucket, f"resume/{name}") == data
 
@@ -522,9 +585,10 @@ def test_cli_bad_input_exit_status(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_source_ranges_cover_every_item(image_folder: Path, tmp_path: Path) -> None:
-    manifest = write_shards(str(image_folder), str(tmp_path), shard_size=1, seed=4, progress=False)
-    ranges = [s["source_range"] for s in manifest["shards"]]
-    assert [s["samples"] for s in manifest["shards"]] == [1] * FOLDER_READABLE
+    write_shards(str(image_folder), str(tmp_path), shard_size=1, seed=4, progress=False)
+    records = list(read_records(str(tmp_path)))
+    ranges = [s["source_range"] for s in records]
+    assert [s["samples"] for s in records] == [1] * FOLDER_READABLE
     assert ranges[0][0] == 0 and ranges[-1][1] == FOLDER_READABLE + 2  # the 2 unreadable files count too
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
-    assert sum(sum(s.get("skipped", {}).values()) for s in manifest["shards"]) == 2
+    assert sum(sum(s.get("skipped", {}).values()) for s in records) == 2

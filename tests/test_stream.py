@@ -5,6 +5,7 @@ One Ray cluster for the module (4 logical CPUs, private temp dir); small digits 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -23,7 +24,7 @@ import torch
 from PIL import Image
 
 from pipeline.config import DataConfig, S3Config
-from pipeline.data.shards import write_shards
+from pipeline.data.shards import read_records, write_shards
 from pipeline.data.stream import (
     DataSkipError,
     StreamPosition,
@@ -32,6 +33,7 @@ from pipeline.data.stream import (
     check_inputs,
     iter_eval_batches,
     iter_train_batches,
+    ShardRef,
     resolve_shards,
     skipped_counts,
     train_data_config,
@@ -56,8 +58,10 @@ JOIN_TIMEOUT = 180.0
 
 
 def _write_digits(dest: str, *, s3_cfg: S3Config | None = None) -> dict[str, Any]:
-    return write_shards("digits", dest, shard_size=40, split="small", splits=SPLITS, progress=False,
-                        s3_config=s3_cfg)
+    """Writes the test corpus; returns its manifest with the shard records added under ``shards`` (for the tests)."""
+    manifest = write_shards("digits", dest, shard_size=40, split="small", splits=SPLITS, progress=False,
+                            s3_config=s3_cfg)
+    return {**manifest, "shards": list(read_records(dest, s3_config=s3_cfg))}
 
 
 @pytest.fixture(scope="module")
@@ -209,11 +213,19 @@ def test_tar_reader_agrees_with_tarfile(local_shards: tuple[Path, dict[str, Any]
 def test_resolve_shards_forms(local_shards: tuple[Path, dict[str, Any]]) -> None:
     dest, manifest = local_shards
     by_folder = resolve_shards(str(dest))
-    assert by_folder == resolve_shards(str(dest / "manifest.json"))
+    by_manifest = resolve_shards(str(dest / "manifest.json"))
+    assert by_folder.fingerprint == by_manifest.fingerprint and by_folder.folders == by_manifest.folders == (str(dest),)
     assert by_folder.num_samples == manifest["num_samples"] and by_folder.num_classes == 10
+    assert by_folder.samples.tolist() == [r["samples"] for r in manifest["shards"]]
+    assert by_folder.bytes.tolist() == [r["bytes"] for r in manifest["shards"]]
+    # The fingerprint's definition from the first manifests on: positions saved before keep their dataset.
+    listed = [[r["name"], r["sha256"], r["samples"]] for r in manifest["shards"]]
+    assert by_folder.fingerprint == hashlib.sha256(json.dumps(listed).encode()).hexdigest()[:32]
     picked = resolve_shards([str(dest / "shard-000002.tar"), str(dest / "shard-000000.tar")])
-    assert [s.name for s in picked.shards] == ["shard-000002.tar", "shard-000000.tar"]
-    assert [s.index for s in picked.shards] == [0, 1]
+    assert [picked.name(i) for i in range(2)] == ["shard-000002.tar", "shard-000000.tar"]
+    assert picked.ref(1) == ShardRef(index=1, name="shard-000000.tar", url=str(dest / "shard-000000.tar"),
+                                     samples=manifest["shards"][0]["samples"], bytes=manifest["shards"][0]["bytes"])
+    assert picked.fingerprint == hashlib.sha256(json.dumps([listed[2], listed[0]]).encode()).hexdigest()[:32]
     with pytest.raises(ValueError, match="not listed"):
         resolve_shards(str(dest / "shard-999999.tar"))
     with pytest.raises(FileNotFoundError):
@@ -365,6 +377,33 @@ def test_resume_no_sample_lost(ray_cluster: Path, local_shards: tuple[Path, dict
     assert all(p.epoch == 1 for p in positions)
     if resume_workers == 2:
         assert resumed[0]["batches"] == resumed[1]["batches"]
+
+
+def test_version1_corpus_streams_the_same(ray_cluster: Path, local_shards: tuple[Path, dict[str, Any]],
+                                          tmp_path: Path, as_version1: Any) -> None:
+    """A corpus whose manifest lists its shards inline (version 1) is the same dataset as its version-2 form: the
+    same fingerprint, the same batches, and a position saved on one resumes on the other."""
+    dest, manifest = local_shards
+    old = tmp_path / "v1"
+    shutil.copytree(dest, old)
+    as_version1(old)
+    assert resolve_shards(str(old)).fingerprint == resolve_shards(str(dest)).fingerprint
+    cfg_new = _cfg(str(dest), val=str(dest), shuffle_buffer=0)
+    cfg_old = _cfg(str(old), val=str(old), shuffle_buffer=0)
+    new_batches = list(iter_train_batches(build_train_dataset(cfg_new, model_name=MODEL, data_cpus=2), batch_size=16,
+                                          position=StreamPosition()))
+    position = StreamPosition()
+    old_stream = _consume(build_train_dataset(cfg_old, model_name=MODEL, data_cpus=2), position,
+                          checkpoint_after=2, stop_after=2)
+    assert old_stream["keys"] == [k for b in new_batches[:2] for k in _keys(b)]
+    resumed = _consume(build_train_dataset(cfg_new, model_name=MODEL, data_cpus=2, position=old_stream["state"]),
+                       StreamPosition.from_state_dict(old_stream["state"]))
+    assert not set(resumed["keys"]) & set(old_stream["keys"])
+    assert len(set(resumed["keys"]) | set(old_stream["keys"])) >= manifest["num_samples"] - 16
+    evals = [list(iter_eval_batches(build_eval_dataset(c, num_splits=1, model_name=MODEL, data_cpus=2)))
+             for c in (cfg_new, cfg_old)]
+    for x, y in zip(*evals, strict=True):
+        assert _keys(x) == _keys(y) and torch.equal(x["image"], y["image"]) and torch.equal(x["valid"], y["valid"])
 
 
 def _rewrite_tar(data: bytes, edit: Any) -> bytes:

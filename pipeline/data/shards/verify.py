@@ -11,7 +11,7 @@ import tarfile
 from typing import IO, Any
 
 from pipeline.config import S3Config
-from pipeline.data.shards.manifest import MANIFEST_NAME, SHARD_RE, Destination, read_destination_manifest
+from pipeline.data.shards.manifest import MANIFEST_NAME, SHARD_RE, Destination, iter_records, read_destination_manifest
 from pipeline.data.tar import iter_tar_samples
 
 __all__ = ["SAMPLE_IMAGE_EXTENSIONS", "verify_shards"]
@@ -118,7 +118,8 @@ def _verify_one(store: Destination, record: dict[str, Any], num_classes: int) ->
 
 
 def verify_shards(dest: str, *, progress: bool = True, s3_config: S3Config | None = None) -> dict[str, Any]:
-    """Re-reads every shard at ``dest`` and checks it against ``manifest.json``.
+    """Re-reads every shard at ``dest`` and checks it against its manifest (either version: the records of
+    ``shards.parquet``, which must match the size and digest ``manifest.json`` records, or inline ones).
 
     Each shard must exist, have the recorded size, sample count and sha256, and every sample must hold one image
     that decodes and an integer label within the class count.
@@ -134,34 +135,36 @@ def verify_shards(dest: str, *, progress: bool = True, s3_config: S3Config | Non
         not list), ``dest``.
 
     Raises:
-        FileNotFoundError: no ``manifest.json`` at ``dest``.
-        ValueError: the manifest is not valid.
+        FileNotFoundError: no ``manifest.json`` at ``dest``, or its ``shards.parquet`` is missing.
+        ValueError: the manifest or its index is not valid (named).
     """
     from tqdm import tqdm
 
     store = Destination(dest, s3_config=s3_config)
     manifest = read_destination_manifest(store)
-    shards = manifest.get("shards")
     num_classes = manifest.get("num_classes")
-    if not isinstance(shards, list) or not isinstance(num_classes, int):
-        raise ValueError(f"{store.where(MANIFEST_NAME)} is not a shards manifest (no 'shards' list / 'num_classes')")
+    if not isinstance(num_classes, int):
+        raise ValueError(f"{store.where(MANIFEST_NAME)} is not a shards manifest (no 'num_classes')")
+    records = iter_records(store, manifest)
     bad: dict[str, str] = {}
+    listed: set[str] = set()
     samples_read = 0
-    for record in tqdm(shards, unit="shard", desc=f"verify {store.url}", file=sys.stderr, disable=not progress):
+    for record in tqdm(records, unit="shard", desc=f"verify {store.url}", file=sys.stderr, disable=not progress,
+                       total=manifest.get("num_shards", len(manifest.get("shards") or ()))):
+        listed.add(record["name"])
         problem, samples = _verify_one(store, record, num_classes)
         samples_read += samples
         if problem is not None:
             bad[record["name"]] = problem
             logger.warning("%s: %s", store.where(record["name"]), problem)
-    listed = {r["name"] for r in shards}
     extra = [n for n in store.list_names() if SHARD_RE.match(n) and n not in listed]
     if extra:
         logger.warning("%s: shard file(s) not in the manifest: %s", store.url, ", ".join(extra))
     return {
         "ok": not bad,
         "dest": store.url,
-        "num_shards": len(shards),
-        "ok_shards": len(shards) - len(bad),
+        "num_shards": len(listed),
+        "ok_shards": len(listed) - len(bad),
         "bad_shards": bad,
         "num_samples": manifest.get("num_samples"),
         "samples_read": samples_read,

@@ -14,17 +14,25 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
+
 from pipeline import __version__, storage
 from pipeline.config import S3Config
 from pipeline.data.shards.manifest import (
     FORMAT_VERSION,
+    INDEX_NAME,
     MANIFEST_NAME,
+    MANIFEST_VERSION,
     PARTIAL_MANIFEST_NAME,
     SHARD_RE,
     Destination,
     dump_json,
+    index_table,
+    iter_records,
     load_json,
     shard_name,
+    shards_fingerprint,
+    write_index,
 )
 from pipeline.data.shards.sources import (
     DEFAULT_SPLITS,
@@ -153,7 +161,9 @@ def write_shards(
     s3_config: S3Config | None = None,
     on_shard: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Writes ``source`` as WebDataset shards plus ``manifest.json`` to ``dest``; resumes an interrupted write.
+    """Writes ``source`` as WebDataset shards plus ``shards.parquet`` and ``manifest.json`` to ``dest``; resumes an
+    interrupted write (also one of an earlier version) and rewrites a version-1 manifest of the same dataset as
+    version 2.
 
     Args:
         source: An image-folder path (one subfolder per class; class index = position in sorted order) or
@@ -176,15 +186,21 @@ def write_shards(
     Returns:
         The manifest, also stored as ``manifest.json``::
 
-            {"format_version": 1, "complete": true, "fingerprint": "<sha256 of the settings below + source>",
+            {"manifest_version": 2, "format_version": 1, "complete": true,
+             "fingerprint": "<sha256 of the settings below + source>",
              "source": {"kind": "digits" | "image_folder", "spec": "<SOURCE as given>", "path": "<folder>",
                         "items": <images found>, "split": {"name", "fractions", "seed"} | null},
              "seed": 0, "shard_size": 1000, "shard_bytes": null, "encoding": "<image encoding policy>",
              "classes": ["name of class 0", ...], "num_classes": 10, "num_samples": 1797,
-             "skipped": {"<kind of unreadable file>": count},
-             "shards": [{"name": "shard-000000.tar", "samples": 1000, "bytes": 1361920, "sha256": "<hex>",
-                         "source_range": [0, 1000], "skipped": {...} (only if any)}, ...],
+             "skipped": {"<kind of unreadable file>": count}, "num_shards": 2,
+             "shards_fingerprint": "<the stream's dataset fingerprint of all the shards (shards_fingerprint)>",
+             "index": {"name": "shards.parquet", "bytes": <size>, "sha256": "<hex of the file>"},
              "sample_fields": {"jpg|png": "...", "cls": "...", "json": "..."}, "created_by": "revcol-pipeline X"}
+
+        ``shards.parquet`` holds one row per shard (``shard-000000.tar``, ``shard-000001.tar``, ...): ``samples``,
+        ``bytes``, ``sha256``, ``source_start``/``source_stop`` (its range of the shuffled source items) and
+        ``skipped`` (JSON counts, null when none); :func:`pipeline.data.shards.manifest.iter_records` reads them
+        back as records ``{"name", "samples", "bytes", "sha256", "source_range", "skipped" (only if any)}``.
 
     Raises:
         FileNotFoundError: ``source`` is neither ``digits`` nor an existing folder.
@@ -222,6 +238,7 @@ def write_shards(
     }
     fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     header: dict[str, Any] = {
+        "manifest_version": MANIFEST_VERSION,
         "format_version": FORMAT_VERSION,
         "fingerprint": fingerprint,
         "source": {**src.describe(), "spec": source, "split": split_info},
@@ -258,7 +275,11 @@ def _reconcile_destination(store: Destination, *, fingerprint: str, force: bool,
     names = store.list_names()
     stray_shards = [n for n in names if SHARD_RE.match(n)]
     if existing is not None and existing.get("fingerprint") == fingerprint:
-        records = list(existing.get("shards", []))
+        try:
+            records = list(iter_records(store, existing))
+        except (FileNotFoundError, ValueError) as err:  # the index is gone or damaged: the shards are rechecked
+            logger.warning("%s: %s; writing the shards again", store.url, err)
+            return []
         if existing.get("complete"):
             logger.info("%s: already holds this dataset; checking its %d shard(s)", store.url, len(records))
         else:
@@ -282,6 +303,7 @@ def _reconcile_destination(store: Destination, *, fingerprint: str, force: bool,
     logger.warning("%s: --force: removing the dataset there (%d shard file(s))", store.url, len(stray_shards))
     store.delete(MANIFEST_NAME)  # first, so an interrupted cleanup never leaves a manifest naming missing shards
     store.delete(PARTIAL_MANIFEST_NAME)
+    store.delete(INDEX_NAME)
     for name in stray_shards:
         store.delete(name)
     return []
@@ -370,17 +392,41 @@ def _write_all(
     num_samples = sum(int(r["samples"]) for r in records)
     if num_samples == 0:
         raise ValueError(f"source {header['source']['spec']!r}: no readable images (skipped: {dict(skipped)})")
+    # The index first: a manifest.json names an index that is in place and matches it.
+    table, fingerprint = _index_of(records)
+    index = write_index(store, table)
     manifest = {
         **header,
         "complete": True,
         "num_samples": num_samples,
+        "num_shards": len(records),
+        "shards_fingerprint": fingerprint,
         "skipped": dict(sorted(skipped.items())),
-        "shards": records,
+        "index": index,
     }
     store.write_bytes(MANIFEST_NAME, dump_json(manifest))
     store.delete(PARTIAL_MANIFEST_NAME)
     logger.info("%s: %d samples in %d shard(s), %d class(es)", store.url, num_samples, len(records), len(src.classes))
     return manifest
+
+
+def _index_of(records: list[dict[str, Any]]) -> tuple[Any, str]:
+    """The shard index of the records (``shard_name(0)``, ``shard_name(1)``, ... in order) and the stream's
+    fingerprint of them, recorded in the header so a reader of the whole corpus need not hash every shard's entry."""
+    for i, record in enumerate(records):
+        if record["name"] != shard_name(i):
+            raise ValueError(f"shard record {i} is named {record['name']!r}, expected {shard_name(i)!r}")
+    samples = np.array([int(r["samples"]) for r in records], dtype=np.int64)
+    digests = np.frombuffer(b"".join(bytes.fromhex(r["sha256"]) for r in records), dtype=np.uint8).reshape(-1, 32)
+    table = index_table(
+        samples=samples,
+        sizes=[int(r["bytes"]) for r in records],
+        sha256=digests,
+        source_start=[int(r["source_range"][0]) for r in records],
+        source_stop=[int(r["source_range"][1]) for r in records],
+        skipped=[json.dumps(r["skipped"], sort_keys=True) if r.get("skipped") else None for r in records],
+    )
+    return table, shards_fingerprint([(np.arange(len(records)), digests, samples)])
 
 
 def _write_range(

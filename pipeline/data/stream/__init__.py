@@ -6,7 +6,11 @@ tasks; tar reading is :mod:`pipeline.data.tar`, shared with the shard verifier),
 builders, driver side), ``batches`` (torch batches, worker side), ``skips`` (bad-input accounting).
 
 Shards are those written by :func:`pipeline.data.shards.write_shards` (a local folder or ``s3://`` prefix holding
-``shard-NNNNNN.tar`` and ``manifest.json``). A Ray Data task reads a few whole shards one after the other (boto3
+``shard-NNNNNN.tar``, ``manifest.json`` and, since manifest version 2, ``shards.parquet``). The driver resolves a
+spec into a :class:`ShardSet` of arrays (no object per shard); the stream is a lazy range of slots, and a decode
+task learns each of its shards (URL, name, size, consumed samples) from the control actor's :class:`ShardPlan`
+when it starts it, so what a task receives does not grow with the corpus. A Ray Data task reads a few whole shards
+one after the other (boto3
 for S3, with retries and backoff), groups their tar members into samples, decodes and augments them and emits
 ``uint8`` rows in blocks of tens of samples, so Ray's per-row machinery is never on the per-sample path (Ray's
 stock ``read_webdataset`` pays per-sample costs, ray-project/ray#65350; ``benchmarks/input_pipeline.py`` measures
@@ -81,7 +85,7 @@ CPU-only trainers: the ``uint8`` → float conversion of a batch allocates a fre
 from __future__ import annotations
 
 from pipeline.data.stream.batches import iter_eval_batches, iter_train_batches
-from pipeline.data.stream.control import skipped_counts
+from pipeline.data.stream.control import ShardPlan, skipped_counts
 from pipeline.data.stream.datasets import build_eval_dataset, build_train_dataset, train_data_config
 from pipeline.data.stream.position import StreamPosition
 from pipeline.data.stream.shard_set import ShardRef, ShardSet, check_inputs, resolve_shards
@@ -89,6 +93,7 @@ from pipeline.data.stream.skips import DataSkipError
 
 __all__ = [
     "DataSkipError",
+    "ShardPlan",
     "ShardRef",
     "ShardSet",
     "StreamPosition",

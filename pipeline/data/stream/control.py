@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.data.stream.position import StreamPosition, shard_order
+from pipeline.data.stream.shard_set import ShardSet
 from pipeline.data.stream.skips import skip_budget
 
-__all__ = ["CONTROL_KEY", "StreamControl", "control_of", "skipped_counts"]
+__all__ = ["CONTROL_KEY", "ShardPlan", "StreamControl", "control_of", "skipped_counts"]
 
 logger = logging.getLogger(__name__)
 
@@ -17,12 +19,34 @@ CONTROL_KEY = "revcol.stream_control"
 """Key of the control actor's handle in the dataset's ``DataContext`` configs."""
 
 
-class StreamControl:
-    """Shared state of one stream (a Ray actor, zero CPUs): the current pass's epoch and consumed samples, the
-    per-epoch shard order, and the skip counters with their threshold."""
+@dataclass(frozen=True)
+class ShardPlan:
+    """What a decode task reads for one slot of a pass: the only per-shard facts a task receives.
 
-    def __init__(self, info: dict[str, Any], *, epoch: int) -> None:
+    Args:
+        epoch: The pass's epoch.
+        shard: The shard's index in the stream.
+        url: Where it is.
+        name: Its file name (for messages).
+        samples: Samples in it, per the manifest.
+        consumed: Its samples consumed in this epoch as ``np.packbits`` bytes; None when none is.
+    """
+
+    epoch: int
+    shard: int
+    url: str
+    name: str
+    samples: int
+    consumed: bytes | None
+
+
+class StreamControl:
+    """Shared state of one stream (a Ray actor, zero CPUs): the stream's shards, the current pass's epoch and
+    consumed samples, the per-epoch shard order, and the skip counters with their threshold."""
+
+    def __init__(self, info: dict[str, Any], shards: ShardSet, *, epoch: int) -> None:
         self._info = info
+        self._shards = shards
         self._epoch = epoch
         self._consumed = StreamPosition()
         self._by_kind: Counter[str] = Counter()
@@ -40,13 +64,14 @@ class StreamControl:
         self._epoch = int(epoch)
         self._consumed = StreamPosition.from_state_dict(position)
 
-    def plan(self, slot: int) -> tuple[int, int, bytes | None]:
-        """(epoch, shard index, packed consumed bits of that shard or None) for the shard read in ``slot``."""
-        epoch, samples = self._epoch, self._info["shard_samples"]
-        shard = int(slot)
+    def plan(self, slot: int) -> ShardPlan:
+        """The shard read in ``slot`` of the current pass (the epoch's shard order, or the stream's when unshuffled)."""
+        epoch, shard = self._epoch, int(slot)
         if self._info["shuffle_shards"]:
-            shard = int(shard_order(self._info["seed"], epoch, len(samples))[shard])
-        return epoch, shard, self._consumed.packed_consumed(shard, samples[shard])
+            shard = int(shard_order(self._info["seed"], epoch, self._shards.num_shards)[shard])
+        samples = int(self._shards.samples[shard])
+        return ShardPlan(epoch=epoch, shard=shard, url=self._shards.url(shard), name=self._shards.name(shard),
+                         samples=samples, consumed=self._consumed.packed_consumed(shard, samples))
 
     def report(self, epoch: int, shard_name: str, counts: dict[str, int], examples: dict[str, str]) -> str | None:
         """Adds a shard's skip counts; returns the error message when the epoch is over its budget."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -56,14 +57,13 @@ def _build(
         raise ValueError(f"data.{split} is not set")
     image = resolve_image_config(data_cfg, model_name=model_name, image_config=image_config)
     shard_set = resolve_shards(spec, s3_cfg=s3_cfg)
-    if not shard_set.shards:
+    if not shard_set.num_shards:
         raise ValueError(f"data.{split}: no shards in {spec!r}")
-    needs_s3 = any(s.url.startswith("s3://") for s in shard_set.shards)
+    needs_s3 = any(storage.is_s3_url(folder) for folder in shard_set.folders)
     task_spec = TaskSpec(
         split=split,
-        urls=tuple(s.url for s in shard_set.shards),
-        names=tuple(s.name for s in shard_set.shards),
-        samples=tuple(s.samples for s in shard_set.shards),
+        num_shards=shard_set.num_shards,
+        padding_rows=0,
         num_classes=shard_set.num_classes,
         seed=data_cfg.seed,
         image=image,
@@ -76,7 +76,7 @@ def _build(
         "split": split,
         "dataset": shard_set.fingerprint,
         "seed": data_cfg.seed,
-        "shard_samples": list(task_spec.samples),
+        "shard_samples": shard_set.samples,
         "total": shard_set.num_samples,
         "max_skipped_frac": data_cfg.max_skipped_frac,
         "mean": list(image.mean),
@@ -91,7 +91,7 @@ def _build(
     driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     control = ray.remote(num_cpus=0, max_restarts=0)(StreamControl).options(
         scheduling_strategy=driver_node
-    ).remote(info, epoch=epoch)
+    ).remote(info, shard_set, epoch=epoch)
     return control, shard_set, image, task_spec, info
 
 
@@ -103,13 +103,15 @@ def _slots_per_task(num_slots: int, samples_per_slot: float, tasks: int) -> int:
     return max(1, min(wanted, num_slots // (4 * tasks)))
 
 
-def _finish_dataset(items: list[dict[str, int]], fn: Any, task_spec: TaskSpec, control: Any, *, data_cpus: float,
-                    deterministic: bool) -> Any:
+def _finish_dataset(num_slots: int, fn: Any, task_spec: TaskSpec, control: Any, *, samples_per_shard: float,
+                    data_cpus: float, deterministic: bool) -> Any:
+    """The stream over slots ``0 .. num_slots - 1`` (column ``id``; a lazy range, nothing per slot is built here),
+    ``fn`` decoding a block of slots per task."""
     import ray
 
     tasks, cpus = _task_resources(data_cpus)
-    per_task = _slots_per_task(len(items), sum(task_spec.samples) / len(task_spec.samples), tasks)
-    ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task)).map_batches(
+    per_task = _slots_per_task(num_slots, samples_per_shard, tasks)
+    ds = ray.data.range(num_slots, override_num_blocks=math.ceil(num_slots / per_task)).map_batches(
         fn,
         batch_size=per_task,
         fn_kwargs={"spec": task_spec, "control": control},
@@ -178,14 +180,14 @@ def build_train_dataset(
     if position is not None:
         import ray
 
-        start.bind(dataset=shard_set.fingerprint, seed=data_cfg.seed, shard_samples=task_spec.samples, epoch=epoch)
+        start.bind(dataset=shard_set.fingerprint, seed=data_cfg.seed, shard_samples=shard_set.samples, epoch=epoch)
         ray.get(control.begin_pass.remote(start.epoch, start.state_dict()))
-    items = [{"slot": i} for i in range(len(shard_set.shards))]
     logger.info(
         "train stream: %d shard(s), %d samples, %d px, %s decode task(s) x %.2f CPU",
-        len(shard_set.shards), shard_set.num_samples, image.size, *_task_resources(data_cpus),
+        shard_set.num_shards, shard_set.num_samples, image.size, *_task_resources(data_cpus),
     )
-    return _finish_dataset(items, train_task, task_spec, control, data_cpus=data_cpus,
+    return _finish_dataset(shard_set.num_shards, train_task, task_spec, control,
+                           samples_per_shard=shard_set.num_samples / shard_set.num_shards, data_cpus=data_cpus,
                            deterministic=data_cfg.deterministic)
 
 
@@ -236,10 +238,12 @@ def build_eval_dataset(
         epoch=0,
     )
     pad = -shard_set.num_samples % (num_splits * batch)
-    items = [{"slot": i} for i in range(len(shard_set.shards))] + ([{"slot": -pad}] if pad else [])
-    logger.info("eval stream: %d shard(s), %d samples + %d padding rows, %d split(s) x %d", len(shard_set.shards),
+    task_spec = dataclasses.replace(task_spec, padding_rows=pad)
+    logger.info("eval stream: %d shard(s), %d samples + %d padding rows, %d split(s) x %d", shard_set.num_shards,
                 shard_set.num_samples, pad, num_splits, batch)
-    return _finish_dataset(items, eval_task, task_spec, control, data_cpus=data_cpus, deterministic=True)
+    return _finish_dataset(shard_set.num_shards + (1 if pad else 0), eval_task, task_spec, control,
+                           samples_per_shard=shard_set.num_samples / shard_set.num_shards, data_cpus=data_cpus,
+                           deterministic=True)
 
 
 def train_data_config(datasets: Mapping[str, Any]) -> Any:

@@ -12,6 +12,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import DataConfig, S3Config
+from pipeline.data.stream.control import ShardPlan
 from pipeline.data.stream.skips import (
     SKIP_BAD_IMAGE,
     SKIP_BAD_LABEL,
@@ -82,12 +83,15 @@ def _parse_label(fields: dict[str, bytes], num_classes: int) -> int:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """Everything a decode task needs (shipped once per task; holds no secrets in its repr)."""
+    """What every decode task of a stream needs, shipped once per task; its size does not grow with the corpus
+    (each task learns its shards from the control actor's :class:`ShardPlan`). Holds no secrets in its repr.
+
+    ``padding_rows`` (eval streams): the slot numbered ``num_shards`` emits that many padding rows.
+    """
 
     split: str
-    urls: tuple[str, ...]
-    names: tuple[str, ...]
-    samples: tuple[int, ...]
+    num_shards: int
+    padding_rows: int
     num_classes: int
     seed: int
     image: ImageConfig
@@ -125,14 +129,12 @@ class _RowBuffer:
         return out
 
 
-def _finish_shard(
-    control: Any, spec: TaskSpec, epoch: int, shard: int, counts: Counter[str], examples: dict[str, str]
-) -> None:
+def _finish_shard(control: Any, plan: ShardPlan, counts: Counter[str], examples: dict[str, str]) -> None:
     import ray
 
     if not counts:
         return
-    fatal = ray.get(control.report.remote(epoch, spec.names[shard], dict(counts), examples))
+    fatal = ray.get(control.report.remote(plan.epoch, plan.name, dict(counts), examples))
     if fatal is not None:
         raise DataSkipError(fatal)
 
@@ -143,12 +145,12 @@ def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> It
 
     size = spec.image.size
     transform = build_train_transform(spec.image, spec.data_cfg, prefetcher=True)
-    for slot in batch["slot"]:
-        epoch, shard, packed = ray.get(control.plan.remote(int(slot)))
-        expected = spec.samples[shard]
+    for slot in batch["id"]:
+        plan: ShardPlan = ray.get(control.plan.remote(int(slot)))
+        epoch, shard, expected = plan.epoch, plan.shard, plan.samples
         consumed = (
-            np.unpackbits(np.frombuffer(packed, dtype=np.uint8))[:expected].astype(bool)
-            if packed is not None
+            np.unpackbits(np.frombuffer(plan.consumed, dtype=np.uint8))[:expected].astype(bool)
+            if plan.consumed is not None
             else np.zeros(expected, dtype=bool)
         )
         order = np.random.default_rng(mix_seed(spec.seed, epoch, shard)).permutation(expected)
@@ -158,11 +160,11 @@ def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> It
         if not todo:
             continue
         try:
-            samples, broken = parse_samples(read_shard(spec.urls[shard], spec.s3_cfg))
+            samples, broken = parse_samples(read_shard(plan.url, spec.s3_cfg))
         except Unavailable as err:
             counts[err.kind] += len(todo)
             examples[err.kind] = err.detail
-            _finish_shard(control, spec, epoch, shard, counts, examples)
+            _finish_shard(control, plan, counts, examples)
             continue
         if len(samples) > expected:
             samples = samples[:expected]
@@ -182,7 +184,7 @@ def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> It
                 counts[SKIP_TRUNCATED] += 1
                 examples.setdefault(
                     SKIP_TRUNCATED,
-                    f"{spec.names[shard]}: {len(samples)} of {expected} samples readable"
+                    f"{plan.name}: {len(samples)} of {expected} samples readable"
                     + (" (tar cut off or corrupt)" if broken else ""),
                 )
                 continue
@@ -192,14 +194,14 @@ def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> It
                 image = _decode_image(fields)
             except Unavailable as err:
                 counts[err.kind] += 1
-                examples.setdefault(err.kind, f"{spec.names[shard]}:{fields['__key__']}: {err.detail}")
+                examples.setdefault(err.kind, f"{plan.name}:{fields['__key__']}: {err.detail}")
                 continue
             rng = seed_sample(mix_seed(spec.seed, epoch, shard, i))
             try:
                 pixels = np.asarray(transform(image))  # (3, size, size) uint8
             except Exception as err:  # noqa: BLE001 - counted; a systematic failure trips the threshold
                 counts[SKIP_TRANSFORM] += 1
-                examples.setdefault(SKIP_TRANSFORM, f"{spec.names[shard]}:{fields['__key__']}: {err!r}")
+                examples.setdefault(SKIP_TRANSFORM, f"{plan.name}:{fields['__key__']}: {err!r}")
                 continue
             box = sample_erase_box(rng, size, size, prob=spec.erase_prob)
             block = rows.add(image=pixels, label=label, shard=shard, index=i, epoch=epoch, erase=box)
@@ -208,12 +210,14 @@ def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> It
         block = rows.flush()
         if block is not None:
             yield block
-        _finish_shard(control, spec, epoch, shard, counts, examples)
+        _finish_shard(control, plan, counts, examples)
 
 
 def eval_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> Iterator[dict[str, np.ndarray]]:
     """Decode task of the eval stream: every sample of a shard in order, bad ones as ``valid=False`` rows; slot
-    ``-n`` emits ``n`` padding rows."""
+    ``spec.num_shards`` emits ``spec.padding_rows`` padding rows."""
+    import ray
+
     size = spec.image.size
     transform = build_eval_transform(spec.image, prefetcher=True)
     columns = {
@@ -223,11 +227,11 @@ def eval_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> Ite
         "shard": ((), np.int32),
         "index": ((), np.int32),
     }
-    for slot in batch["slot"]:
+    for slot in batch["id"]:
         slot = int(slot)
         rows = _RowBuffer(spec.rows_per_block, columns, zeros=True)  # invalid rows keep a black image
-        if slot < 0:  # padding
-            for _ in range(-slot):
+        if slot == spec.num_shards:  # padding
+            for _ in range(spec.padding_rows):
                 block = rows.add(label=-1, valid=False, shard=-1, index=-1)
                 if block is not None:
                     yield block
@@ -235,11 +239,12 @@ def eval_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> Ite
             if block is not None:
                 yield block
             continue
-        shard, expected = slot, spec.samples[slot]
+        plan: ShardPlan = ray.get(control.plan.remote(slot))
+        shard, expected = plan.shard, plan.samples
         counts: Counter[str] = Counter()
         examples: dict[str, str] = {}
         try:
-            samples, _ = parse_samples(read_shard(spec.urls[shard], spec.s3_cfg))
+            samples, _ = parse_samples(read_shard(plan.url, spec.s3_cfg))
         except Unavailable as err:
             samples = []
             counts[err.kind] += expected
@@ -259,10 +264,10 @@ def eval_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> Ite
                 except Unavailable as err:
                     label, pixels = -1, None
                     counts[err.kind] += 1
-                    examples.setdefault(err.kind, f"{spec.names[shard]}:{fields['__key__']}: {err.detail}")
+                    examples.setdefault(err.kind, f"{plan.name}:{fields['__key__']}: {err.detail}")
             elif not counts.get(SKIP_MISSING_SHARD) and not counts.get(SKIP_UNREADABLE_SHARD):
                 counts[SKIP_TRUNCATED] += 1
-                examples.setdefault(SKIP_TRUNCATED, f"{spec.names[shard]}: {len(samples)} of {expected} readable")
+                examples.setdefault(SKIP_TRUNCATED, f"{plan.name}: {len(samples)} of {expected} readable")
             row: dict[str, Any] = {"label": label, "valid": valid, "shard": shard, "index": i}
             if pixels is not None:
                 row["image"] = pixels
@@ -272,4 +277,4 @@ def eval_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> Ite
         block = rows.flush()
         if block is not None:
             yield block
-        _finish_shard(control, spec, 0, shard, counts, examples)
+        _finish_shard(control, plan, counts, examples)

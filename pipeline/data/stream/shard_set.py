@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from pipeline import storage
 from pipeline.config import DataConfig, S3Config
@@ -29,7 +29,6 @@ class ShardRef:
         url: Local path or ``s3://`` URL.
         samples: Samples in the shard, per the manifest.
         bytes: Size per the manifest.
-        sha256: Digest per the manifest.
     """
 
     index: int
@@ -37,21 +36,31 @@ class ShardRef:
     url: str
     samples: int
     bytes: int
-    sha256: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ShardSet:
-    """The shards of one data spec (``data.train`` or ``data.val``), resolved through their manifests.
+    """The shards of one data spec (``data.train`` or ``data.val``), resolved through their manifests, as arrays:
+    shard ``i`` of the stream is file ``shard_name(number[i])`` in ``folders[folder[i]]``. Nothing here is a
+    Python object per shard, so a 2 M-shard set is a few tens of MB and ships to an actor as such.
 
     Args:
-        shards: The shards, in manifest order.
+        folders: The folders or ``s3://`` prefixes of the spec's manifests, in order of first use.
+        folder: ``(N,)`` int32, each shard's folder (index into ``folders``).
+        number: ``(N,)`` int64, each shard's number in its folder's manifest.
+        samples: ``(N,)`` int64, samples per shard, per the manifests.
+        bytes: ``(N,)`` int64, size of each shard, per the manifests.
         classes: Class names (index → name).
         num_samples: Total samples.
-        fingerprint: Digest of the shard names and contents; a stored position only applies to the same one.
+        fingerprint: Digest of the shard names, digests and sample counts; a stored position only applies to the
+            same one.
     """
 
-    shards: tuple[ShardRef, ...]
+    folders: tuple[str, ...]
+    folder: np.ndarray
+    number: np.ndarray
+    samples: np.ndarray
+    bytes: np.ndarray
     classes: tuple[str, ...]
     num_samples: int
     fingerprint: str
@@ -61,9 +70,29 @@ class ShardSet:
         """Number of classes."""
         return len(self.classes)
 
+    @property
+    def num_shards(self) -> int:
+        """Number of shards."""
+        return int(self.samples.size)
+
+    def name(self, shard: int) -> str:
+        """File name of shard ``shard``."""
+        from pipeline.data.shards import shard_name
+
+        return shard_name(int(self.number[shard]))
+
+    def url(self, shard: int) -> str:
+        """Local path or ``s3://`` URL of shard ``shard``."""
+        return storage.join(self.folders[int(self.folder[shard])], self.name(shard))
+
+    def ref(self, shard: int) -> ShardRef:
+        """Shard ``shard`` as one object."""
+        return ShardRef(index=int(shard), name=self.name(shard), url=self.url(shard),
+                        samples=int(self.samples[shard]), bytes=int(self.bytes[shard]))
+
 
 def resolve_shards(spec: str | Sequence[str], *, s3_cfg: S3Config | None = None) -> ShardSet:
-    """Resolves a data spec into its shards through ``manifest.json``.
+    """Resolves a data spec into its shards through their manifests (either manifest version).
 
     Args:
         spec: A manifest (``.../manifest.json``), a folder or ``s3://`` prefix holding one, or a list of shard
@@ -74,27 +103,43 @@ def resolve_shards(spec: str | Sequence[str], *, s3_cfg: S3Config | None = None)
         The resolved shards (manifest order; a list keeps its order).
 
     Raises:
-        FileNotFoundError: a manifest is missing.
-        ValueError: a spec item is not a manifest, folder or listed shard; manifests disagree on the classes.
+        FileNotFoundError: a manifest or its shard index is missing.
+        ValueError: a spec item is not a manifest, folder or listed shard; manifests disagree on the classes; a
+            manifest or its index is malformed.
         pipeline.storage.S3AccessError: S3 cannot be used (unreachable endpoint, bad credentials, missing bucket).
     """
-    from pipeline.data.shards import MANIFEST_NAME, read_manifest
+    from pipeline.data.shards import MANIFEST_NAME
+    from pipeline.data.shards.manifest import (
+        Destination,
+        ShardIndex,
+        read_destination_manifest,
+        read_index,
+        shard_number,
+        shards_fingerprint,
+    )
 
     items = [spec] if isinstance(spec, str) else list(spec)
     if not items:
         raise ValueError("data spec is empty (expected a manifest, a folder/prefix or a list of shards)")
-    manifests: dict[str, dict[str, Any]] = {}
+    folders: dict[str, int] = {}
+    opened: list[tuple[Destination, dict[str, Any]]] = []
+    indexes: list[ShardIndex] = []  # without the digests, which only an uncached fingerprint needs
+    classes_of: list[list[str]] = []
 
-    def manifest_of(folder: str) -> dict[str, Any]:
-        if folder not in manifests:
-            folder_spec = folder if folder.startswith("s3://") else str(Path(folder).expanduser())
-            manifest = read_manifest(folder_spec, s3_config=s3_cfg)
-            if not isinstance(manifest.get("shards"), list) or not isinstance(manifest.get("classes"), list):
-                raise ValueError(f"{storage.join(folder, MANIFEST_NAME)} is not a shards manifest (no 'shards'/'classes')")
-            manifests[folder] = manifest
-        return manifests[folder]
+    def folder_of(folder: str) -> int:
+        if folder not in folders:
+            store = Destination(folder if folder.startswith("s3://") else str(Path(folder).expanduser()),
+                                s3_config=s3_cfg)
+            manifest = read_destination_manifest(store)
+            if not isinstance(manifest.get("classes"), list):
+                raise ValueError(f"{storage.join(folder, MANIFEST_NAME)} is not a shards manifest (no 'classes')")
+            opened.append((store, manifest))
+            indexes.append(read_index(store, manifest, sha256=False))
+            classes_of.append([str(c) for c in manifest["classes"]])
+            folders[folder] = len(folders)
+        return folders[folder]
 
-    picked: list[tuple[str, dict[str, Any]]] = []  # (folder, record)
+    picked: list[tuple[int, np.ndarray | None]] = []  # (folder id, shard numbers in it; None: all of them)
     classes: list[str] | None = None
     for item in items:
         if not isinstance(item, str) or not item:
@@ -102,10 +147,11 @@ def resolve_shards(spec: str | Sequence[str], *, s3_cfg: S3Config | None = None)
         url = item if item.startswith("s3://") else str(Path(item).expanduser().resolve())
         if url.endswith(".tar"):
             folder, name = storage.parent(url)
-            records = {r["name"]: r for r in manifest_of(folder)["shards"]}
-            if name not in records:
+            fid = folder_of(folder)
+            number = shard_number(name)
+            if number is None or number >= len(indexes[fid]):
                 raise ValueError(f"shard {item!r} is not listed in {storage.join(folder, MANIFEST_NAME)}")
-            chosen = [records[name]]
+            numbers = np.array([number], dtype=np.int64)
         else:
             if url.endswith(".json"):
                 folder, name = storage.parent(url)
@@ -113,43 +159,46 @@ def resolve_shards(spec: str | Sequence[str], *, s3_cfg: S3Config | None = None)
                     raise ValueError(f"data spec {item!r}: a manifest must be called {MANIFEST_NAME}")
             else:
                 folder = url.rstrip("/")
-            chosen = list(manifest_of(folder)["shards"])
-        manifest_classes = [str(c) for c in manifest_of(folder)["classes"]]
+            fid = folder_of(folder)
+            numbers = None
         if classes is None:
-            classes = manifest_classes
-        elif classes != manifest_classes:
+            classes = classes_of[fid]
+        elif classes != classes_of[fid]:
             raise ValueError(f"data spec {item!r}: its classes differ from the other manifests' of the spec")
-        picked.extend((folder, r) for r in chosen)
+        picked.append((fid, numbers))
 
-    shards = tuple(
-        ShardRef(
-            index=i,
-            name=str(r["name"]),
-            url=storage.join(folder, str(r["name"])),
-            samples=int(r["samples"]),
-            bytes=int(r["bytes"]),
-            sha256=str(r["sha256"]),
+    folder_ids = [f for f, _ in picked]
+    numbers = [np.arange(len(indexes[f]), dtype=np.int64) if n is None else n for f, n in picked]
+    recorded = opened[folder_ids[0]][1].get("shards_fingerprint")
+    if len(picked) == 1 and picked[0][1] is None and isinstance(recorded, str):
+        fingerprint = recorded  # one whole corpus: its writer recorded the digest of all its shards
+    else:
+        digests = {f: read_index(*opened[f]).sha256 for f in dict.fromkeys(folder_ids)}
+        fingerprint = shards_fingerprint(
+            (n, digests[f][n], indexes[f].samples[n]) for f, n in zip(folder_ids, numbers, strict=True)  # type: ignore[index]
         )
-        for i, (folder, r) in enumerate(picked)
-    )
-    digest = hashlib.sha256(json.dumps([[s.name, s.sha256, s.samples] for s in shards]).encode()).hexdigest()
+    samples = np.concatenate([indexes[f].samples[n] for f, n in zip(folder_ids, numbers, strict=True)])
     return ShardSet(
-        shards=shards,
+        folders=tuple(folders),
+        folder=np.concatenate([np.full(n.size, f, dtype=np.int32) for f, n in zip(folder_ids, numbers, strict=True)]),
+        number=np.concatenate(numbers),
+        samples=samples,
+        bytes=np.concatenate([indexes[f].bytes[n] for f, n in zip(folder_ids, numbers, strict=True)]),
         classes=tuple(classes or ()),
-        num_samples=sum(s.samples for s in shards),
-        fingerprint=digest[:32],
+        num_samples=int(samples.sum()),
+        fingerprint=fingerprint,
     )
 
 
-def _existing_sizes(shard_set: ShardSet, s3_cfg: S3Config | None) -> dict[str, int | None]:
-    """Stored size of every shard (None when missing): one listing per folder or prefix."""
-    listed: dict[str, dict[str, int | None]] = {}
-    sizes: dict[str, int | None] = {}
-    for ref in shard_set.shards:
-        folder, name = storage.parent(ref.url)
-        if folder not in listed:
-            listed[folder] = {e.name: e.size for e in storage.list_dir(folder, s3=s3_cfg) if not e.is_dir}
-        sizes[ref.url] = listed[folder].get(name)
+def _existing_sizes(shard_set: ShardSet, s3_cfg: S3Config | None) -> np.ndarray:
+    """Stored size of every shard (-1 when missing): one listing per folder or prefix."""
+    from pipeline.data.shards import shard_name
+
+    sizes = np.full(shard_set.num_shards, -1, dtype=np.int64)
+    for fid, folder in enumerate(shard_set.folders):
+        listed = {e.name: e.size for e in storage.list_dir(folder, s3=s3_cfg) if not e.is_dir}
+        shards = np.flatnonzero(shard_set.folder == fid)
+        sizes[shards] = [listed.get(shard_name(n), -1) for n in shard_set.number[shards].tolist()]
     return sizes
 
 
@@ -185,25 +234,25 @@ def check_inputs(
             continue
         shard_set = resolve_shards(spec, s3_cfg=s3_cfg)
         sizes = _existing_sizes(shard_set, s3_cfg)
-        missing = [r for r in shard_set.shards if sizes[r.url] is None]
-        short = [r for r in shard_set.shards if sizes[r.url] is not None and sizes[r.url] < r.bytes]
-        if short:
+        missing = np.flatnonzero(sizes < 0)
+        short = np.flatnonzero((sizes >= 0) & (sizes < shard_set.bytes))
+        if short.size:
             logger.warning(
                 "data.%s: %d shard(s) smaller than their manifest records (truncated?): %s",
-                split, len(short), ", ".join(r.url for r in short[:5]) + (" ..." if len(short) > 5 else ""),
+                split, short.size, ", ".join(shard_set.url(i) for i in short[:5]) + (" ..." if short.size > 5 else ""),
             )
-        if missing:
-            lost = sum(r.samples for r in missing)
-            names = ", ".join(r.url for r in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        if missing.size:
+            lost = int(shard_set.samples[missing].sum())
+            names = ", ".join(shard_set.url(i) for i in missing[:10]) + (" ..." if missing.size > 10 else "")
             allowed = skip_budget(shard_set.num_samples, data_cfg.max_skipped_frac)
             if lost > allowed:
                 raise DataSkipError(
-                    f"data.{split}: {len(missing)} missing shard(s) hold {lost} of {shard_set.num_samples} samples, "
+                    f"data.{split}: {missing.size} missing shard(s) hold {lost} of {shard_set.num_samples} samples, "
                     f"more than data.max_skipped_frac={data_cfg.max_skipped_frac} allows ({allowed}): {names}"
                 )
-            logger.warning("data.%s: %d shard(s) missing (%d samples will be skipped): %s", split, len(missing),
+            logger.warning("data.%s: %d shard(s) missing (%d samples will be skipped): %s", split, missing.size,
                            lost, names)
-        logger.info("data.%s: %d shard(s), %d samples, %d classes", split, len(shard_set.shards),
+        logger.info("data.%s: %d shard(s), %d samples, %d classes", split, shard_set.num_shards,
                     shard_set.num_samples, shard_set.num_classes)
         resolved[split] = shard_set
     return resolved
