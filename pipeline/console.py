@@ -25,10 +25,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from pipeline.stages import StageOutcome
+from typing import IO, Any
 
 __all__ = ["RunConsole", "StageEvents", "run_log_path"]
 
@@ -71,10 +68,11 @@ class StageEvents:
     def stage_started(self, stage: str, kind: str, run_id: str) -> None:
         """``stage`` starts, tracked in MLflow run ``run_id``."""
 
-    def stage_skipped(self, outcome: StageOutcome) -> None:
+    # `outcome`: a pipeline.stages.StageOutcome (not imported: stages imports this module)
+    def stage_skipped(self, outcome: Any) -> None:
         """A stage finished before: its outputs are reused."""
 
-    def stage_finished(self, outcome: StageOutcome) -> None:
+    def stage_finished(self, outcome: Any) -> None:
         """A stage ended successfully."""
 
     def stage_failed(self, stage: str, error: BaseException) -> None:
@@ -251,10 +249,10 @@ class RunConsole(StageEvents):
             self._progress = _Progress(stage)
         self.line(f"{stage} started ({kind}): MLflow run {run_id}")
 
-    def stage_skipped(self, outcome: StageOutcome) -> None:
+    def stage_skipped(self, outcome: Any) -> None:
         self.line(f"{outcome.stage} skipped: finished before, outputs reused (MLflow run {outcome.run_id})")
 
-    def stage_finished(self, outcome: StageOutcome) -> None:
+    def stage_finished(self, outcome: Any) -> None:
         with self._lock:
             progress, self._progress = self._progress, None
             if progress is not None and progress.text and not self.live and progress.printed_tenth < 10:
@@ -324,7 +322,7 @@ class RunConsole(StageEvents):
             if pid in ("raylet", "autoscaler"):  # what Ray tells the driver: a worker killed for memory, resources
                 self.warn_once(f"ray: {line}")  # no node can offer, …
             elif (match := _WORKER_WARNING.match(line)) is not None:
-                self.warn_once(f"{match['level'].lower()}: {match['message']} ({who})")
+                self.warn_once(f"{match['level'].lower()}: {match['message']}")  # once, whichever worker says it
             elif (match := _PROGRESS.search(line)) is not None:
                 self._on_progress(match)
             elif (match := _RESUMED.search(line)) is not None:
