@@ -16,6 +16,18 @@ __all__ = ["main"]
 
 logger = logging.getLogger("pipeline")
 
+RUN_LOGS = "runs/logs"
+"""Where ``revcol run`` writes each run's log file (relative to the working directory; under ``ray job submit``
+the job's uploaded working directory on the head node)."""
+
+_VERBOSE_HELP = ("everything on the console: Ray's, Ray Data's and DeepSpeed's output, progress bars, every worker "
+                 "line, debug logging (default: those go to the run's log file, named on the first line)")
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """``--verbose`` after the subcommand too (``revcol demo --verbose``); SUPPRESS keeps ``revcol -v demo``'s."""
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP)
+
 
 def _stage_names(text: str | None) -> list[str] | None:
     """``--stages a,b`` as a list (checked against the recipe by the pipeline); None: every stage."""
@@ -23,10 +35,15 @@ def _stage_names(text: str | None) -> list[str] | None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.console import RunConsole, run_log_path
     from pipeline.demo import run_demo
 
-    result = run_demo(workdir=args.workdir, overrides=args.set, seed=args.seed, progress=not args.json,
-                      services=args.services, stages=_stage_names(args.stages))
+    with RunConsole(run_log_path(Path(args.workdir) / "logs", "demo"), verbose=args.verbose) as console:
+        result = run_demo(workdir=args.workdir, overrides=args.set, seed=args.seed,
+                          progress=args.verbose and not args.json, services=args.services,
+                          stages=_stage_names(args.stages), events=console)
     if args.json:
         print_json(result)
     return 0
@@ -92,9 +109,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     from dataclasses import asdict
 
+    from pipeline.console import RunConsole, run_log_path
     from pipeline.stages import run_pipeline
 
-    outcomes = run_pipeline(recipe, stages=wanted)
+    with RunConsole(run_log_path(RUN_LOGS, recipe.name), verbose=args.verbose) as console:
+        outcomes = run_pipeline(recipe, stages=wanted, events=console)
     for o in outcomes:
         top1 = o.metrics.get("val/top1")
         print(f"{o.stage:<12} {o.status:<9} run {o.run_id}  top-1 {'-' if top1 is None else f'{top1:.4f}'}")
@@ -128,7 +147,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="revcol", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging; for run and demo: " + _VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="the embedded default: pretrain → finetune → eval on scikit-learn's digits")
@@ -142,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--stages", default=None,
                       help="comma-separated subset of stages to run (pretrain,finetune,scratch,eval; default all)")
     demo.add_argument("--json", action="store_true", help="print one JSON summary object last")
+    _add_verbose(demo)
     demo.set_defaults(func=_cmd_demo)
 
     shards = sub.add_parser("shards", help="write or verify WebDataset shards")
@@ -171,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stages", default=None, help="comma-separated subset of stages to run")
     run.add_argument("--dry-run", action="store_true", help="validate and print the plan; take no resources")
     run.add_argument("--json", action="store_true")
+    _add_verbose(run)
     run.set_defaults(func=_cmd_run)
 
     evaluate = sub.add_parser("eval", help="top-1/5 of a weights file on shards, on Ray Train workers")

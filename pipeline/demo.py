@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.console import StageEvents
+
 __all__ = ["prepare_digits", "run_demo"]
 
 logger = logging.getLogger(__name__)
@@ -112,7 +114,8 @@ def _local_services(workdir: Path) -> Iterator[list[str]]:
 
 
 def run_demo(*, workdir: str | Path = "runs/demo", overrides: list[str] | None = None, seed: int = 0,
-             progress: bool = True, services: bool = False, stages: list[str] | None = None) -> dict[str, Any]:
+             progress: bool = True, services: bool = False, stages: list[str] | None = None,
+             events: StageEvents | None = None) -> dict[str, Any]:
     """Prepares the data, runs the demo chain and returns its summary (what ``--json`` prints).
 
     Args:
@@ -124,6 +127,7 @@ def run_demo(*, workdir: str | Path = "runs/demo", overrides: list[str] | None =
             stopped after it, instead of local storage and a local MLflow store. Needs a local Ray (not
             ``RAY_ADDRESS``): the S3 variables reach the workers through this process's environment.
         stages: run only these stages (and reuse those finished before); None: all of them.
+        events: hears the data being ready and each stage start and end (the command line's console).
     """
     from pipeline.config import load_recipe
     from pipeline.stages import run_pipeline
@@ -132,13 +136,16 @@ def run_demo(*, workdir: str | Path = "runs/demo", overrides: list[str] | None =
     if services and os.environ.get("RAY_ADDRESS"):
         raise ValueError(f"--services starts its own servers for a local Ray; unset RAY_ADDRESS "
                          f"({os.environ['RAY_ADDRESS']!r}) or point the recipe at shared services with --set")
-    prepare_digits(workdir, seed=seed, progress=progress)
+    events = events or StageEvents()
+    manifests = prepare_digits(workdir, seed=seed, progress=progress)
+    events.note("data: " + ", ".join(f"{name} {m['num_samples']} images" for name, m in manifests.items())
+                + f", as shards in {workdir / 'shards'}")
     with contextlib.ExitStack() as stack:
         sets = _overrides(workdir)
         if services:
             sets += stack.enter_context(_local_services(workdir))
         recipe = load_recipe(RECIPE, [*sets, *(overrides or [])])
-        outcomes = run_pipeline(recipe, stages=stages)
+        outcomes = run_pipeline(recipe, stages=stages, events=events)
     summary = {
         "recipe": recipe.name,
         "tracking_uri": recipe.tracking.uri,

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import Recipe, StageConfig
+from pipeline.console import StageEvents
 
 if TYPE_CHECKING:
     from pipeline.data.stream import ShardSet
@@ -325,14 +326,18 @@ def _ray_initialized() -> bool:
     return ray.is_initialized()
 
 
-def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> list[StageOutcome]:
+def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None,
+                 events: StageEvents | None = None) -> list[StageOutcome]:
     """Runs the recipe's stages (or the named subset) in order; returns one outcome per stage.
+
+    ``events`` hears each stage start, end or fail (the command line's :class:`pipeline.console.RunConsole`).
 
     Raises:
         RuntimeError: a stage failed (its MLflow run and the parent are marked FAILED; re-running resumes it).
     """
     from pipeline.cluster import check_shared_storage, connect_ray
 
+    events = events or StageEvents()
     _check_stage_names(recipe, stages)
     # GPU memory, or the host memory the recipe is sized for, is a hard limit: refuse a misfit before taking
     # any resource (`revcol plan` tells the same, with what to change).
@@ -355,12 +360,14 @@ def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> list[Sta
             logger.info("stage %s finished before: reusing its outputs (run %s)", stage.name, previous.run_id)
             done[stage.name] = previous
             outcomes.append(StageOutcome(**{**asdict(previous), "status": "SKIPPED"}))
+            events.stage_skipped(outcomes[-1])
             continue
         if stages and stage.name not in stages:
             continue
         connect_ray()
         run_id = runs.stage_run(stage)
         logger.info("stage %s (%s): MLflow run %s", stage.name, stage.kind, run_id)
+        events.stage_started(stage.name, stage.kind, run_id)
         try:
             if stage.kind == "eval":
                 outcome = _eval_stage(recipe, stage, runs, run_id, done)
@@ -370,6 +377,7 @@ def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> list[Sta
             # Stopped — `ray job stop` sends SIGTERM, which ray.init's handler turns into SystemExit; Ctrl-C —
             # marks the runs KILLED, any other error FAILED. Either way a re-run resumes them from the checkpoint.
             status = "KILLED" if isinstance(err, (SystemExit, KeyboardInterrupt)) else "FAILED"
+            events.stage_failed(stage.name, err)
             runs.finish(run_id, status=status)
             runs.finish(runs.parent_id, status=status)
             raise
@@ -377,5 +385,6 @@ def run_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> list[Sta
         _write_result(recipe, stage, outcome)
         done[stage.name] = outcome
         outcomes.append(outcome)
+        events.stage_finished(outcome)
     runs.finish(runs.parent_id)
     return outcomes

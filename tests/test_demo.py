@@ -4,8 +4,10 @@ with 2 DeepSpeed workers and a local MLflow store — the chain, its lineage, id
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -37,7 +39,9 @@ def demo(tmp_path_factory):
         "workdir": workdir,
         "first": json.loads(first.stdout.strip().splitlines()[-1]),
         "first_out": first.stdout,
+        "first_err": first.stderr,
         "second": json.loads(second.stdout.strip().splitlines()[-1]),
+        "second_out": second.stdout,
     }
 
 
@@ -130,3 +134,63 @@ def test_dry_run_validates_without_cluster(demo):
     bad = subprocess.run([*cmd, "--set", f"stages.finetune.data.train={workdir}/nowhere"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "nowhere" in bad.stderr
+
+
+def test_console_is_short_and_the_log_file_holds_the_rest(demo):
+    """Issue 17: per stage a start, a progress and an end line on the console (off a terminal: a few plain progress
+    lines, the last step among them); Ray's, Ray Train's, Ray Data's and DeepSpeed's output in the run's log file,
+    named on the first line."""
+    out, err = demo["first_out"], demo["first_err"]
+    assert len(out.splitlines()) + len(err.splitlines()) <= 60, out + err
+    assert "pid=" not in out + err  # no line a Ray process printed reaches the console
+    assert "Failed to query Ray Train Controller" not in out + err
+    named = re.fullmatch(r"log: (\S+) \(.*\)", out.splitlines()[0])
+    assert named, out.splitlines()[0]
+    log = Path(named[1])
+    assert log.parent == demo["workdir"] / "logs"
+    text = log.read_text()
+    assert "(RayTrainWorker pid=" in text and "(TrainController pid=" in text
+    assert "DeepSpeed" in text  # the workers' DeepSpeed messages
+    assert "Started a local Ray instance" in text  # the driver's Ray logging
+    assert re.search(r"finetune step \d+/\d+ epoch \d+ loss \S+ lr", text)  # rank 0's full progress lines
+    assert "Ray's own logs" in text
+    stages = demo["first"]["stages"]
+    for name, kind in [("pretrain", "pretrain"), ("finetune", "finetune"), ("scratch", "finetune"), ("eval", "eval")]:
+        assert f"{name} started ({kind}): MLflow run {stages[name]['run_id']}" in out
+        assert re.search(rf"^{name} finished in \S+, \d+ samples/s", out, re.M), out
+    for name in ("pretrain", "finetune", "scratch"):
+        progress = re.findall(rf"^{name} step (\d+)/(\d+) epoch \d+ loss [\d.]+ \| \S+ samples/s \| ETA \S+$",
+                              out, re.M)
+        assert 1 <= len(progress) <= 12 and progress[-1][0] == progress[-1][1], out  # the last step shown
+    assert re.search(r"^eval finished in .*top-1 \d+\.\d+%", out, re.M)
+    assert "stage pretrain (pretrain): MLflow run" not in out + err  # the driver's INFO logging: the file
+    assert "pretrain skipped: finished before" in demo["second_out"]
+
+
+def test_a_failing_stage_shows_its_error_and_verbose_brings_ray_back(demo, tmp_path):
+    """A stage whose workers fail (its init weights are missing) prints the error on the console, and the log file;
+    ``--verbose`` puts Ray's and the workers' output back on the console."""
+    from pipeline.demo import RECIPE, _overrides
+
+    missing = tmp_path / "missing" / "model.safetensors"
+    sets = [s for s in _overrides(demo["workdir"]) if not s.startswith(("storage_path=", "tracking.uri="))]
+    sets += [f"storage_path={tmp_path / 'storage'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+             f"stages.finetune.init_from={missing}", "scaling.num_workers=1"]
+    cmd = [sys.executable, "-m", "pipeline", "run", str(RECIPE), "--stages", "finetune"]
+    for item in sets:
+        cmd += ["--set", item]
+    for verbose in (False, True):
+        proc = subprocess.run([*cmd, *(["--verbose"] if verbose else [])], capture_output=True, text=True,
+                              timeout=600, cwd=tmp_path)  # `revcol run` writes runs/logs/ in its working dir
+        console = proc.stdout + proc.stderr
+        assert proc.returncode != 0, console[-3000:]
+        assert str(missing) in proc.stderr, console[-3000:]
+        assert re.search(r"^finetune failed after \S+: ", proc.stderr, re.M), console[-3000:]
+        named = re.match(r"log: (\S+) ", proc.stdout)
+        assert named and Path(named[1]).parent == tmp_path / "runs" / "logs", console[-3000:]
+        assert f"the full log of this run: {named[1]}" in proc.stderr
+        assert str(missing) in Path(named[1]).read_text()  # the worker's traceback, in full
+        if verbose:
+            assert "(RayTrainWorker pid=" in console and "(TrainController pid=" in console
+        else:
+            assert "(TrainController pid=" not in console and "(RayTrainWorker pid=" not in console, console[-3000:]

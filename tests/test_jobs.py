@@ -195,7 +195,7 @@ def test_submit_stop_and_resume(
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert _job_status(head, second) == "SUCCEEDED"
-    resumed = re.search(r"rank 0 resumed at step (\d+)", out)
+    resumed = re.search(r"pretrain resumed at step (\d+)", out)  # the console's line (rank 0's, in the log file)
     assert resumed and int(resumed.group(1)) >= 20, out[-4000:]
     steps = [(int(a), int(b)) for a, b in re.findall(r"pretrain step (\d+)/(\d+) epoch", out)]
     assert steps and steps[-1][0] == steps[-1][1], steps
