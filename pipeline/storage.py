@@ -22,6 +22,9 @@ the endpoint and the region are.
 
 Local writes are atomic (a temporary ``.NAME.tmp`` beside the target, fsynced, then renamed), so a reader never
 sees half a file.
+
+Over 600 lines on purpose: being the one module that touches boto3 and pyarrow's S3 filesystem is its job
+(``tests/test_layout.py`` checks that), so the file API and the S3 client's settings stay together.
 """
 
 from __future__ import annotations
