@@ -615,7 +615,8 @@ def copy_tree(
         The relative names copied.
     """
     source, target = str(source), str(target)
-    names = [name for name in _walk(source, s3) if include is None or include(name)]
+    # "folder/" keys are the empty markers some S3 clients (pyarrow's, under Ray Train) create for folders
+    names = [n for n in _walk(source, s3) if n and not n.endswith("/") and (include is None or include(n))]
     for name in names:
         src, dst = join(source, name), join(target, name)
         if not is_s3_url(src):
