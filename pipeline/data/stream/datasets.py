@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from pipeline import storage
+from pipeline.audit import record_node
 from pipeline.config import DataConfig, S3Config
 from pipeline.data.stream.control import CONTROL_KEY, StreamControl
 from pipeline.data.stream.decode import TaskSpec, eval_task, train_task
@@ -103,18 +105,32 @@ def _slots_per_task(num_slots: int, samples_per_slot: float, tasks: int) -> int:
     return max(1, min(wanted, num_slots // (4 * tasks)))
 
 
+def _recording_node(fn: Any, folder: str, split: str) -> Any:
+    """``fn``, first appending the node it runs on to the audit trail (``data.trace_dir``)."""
+
+    @functools.wraps(fn)
+    def decode(batch: dict[str, Any], **kwargs: Any) -> Any:
+        record_node(folder, "decode", split=split)
+        yield from fn(batch, **kwargs)
+
+    return decode
+
+
 def _finish_dataset(items: list[dict[str, int]], fn: Any, task_spec: TaskSpec, control: Any, *, data_cpus: float,
-                    deterministic: bool) -> Any:
+                    deterministic: bool, label_selector: dict[str, str] | None) -> Any:
     import ray
 
     tasks, cpus = _task_resources(data_cpus)
     per_task = _slots_per_task(len(items), sum(task_spec.samples) / len(task_spec.samples), tasks)
+    if task_spec.data_cfg.trace_dir is not None:
+        fn = _recording_node(fn, task_spec.data_cfg.trace_dir, task_spec.split)
     ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task)).map_batches(
         fn,
         batch_size=per_task,
         fn_kwargs={"spec": task_spec, "control": control},
         compute=ray.data.TaskPoolStrategy(size=tasks),
         num_cpus=cpus,
+        label_selector=label_selector,  # the data nodes (pipeline.placement); None: anywhere
     )
     ds.context.set_config(CONTROL_KEY, control)
     ds.context.execution_options.preserve_order = deterministic
@@ -134,6 +150,7 @@ def build_train_dataset(
     position: StreamPosition | Mapping[str, Any] | None = None,
     s3_cfg: S3Config | None = None,
     data_cpus: float = 1.0,
+    label_selector: dict[str, str] | None = None,
 ) -> Any:
     """Builds the training stream of ``data_cfg.train`` as a Ray Dataset (lazy; nothing is read yet).
 
@@ -154,6 +171,7 @@ def build_train_dataset(
         s3_cfg: The recipe's ``s3`` section (unset fields from the AWS variables).
         data_cpus: CPU budget of the decode tasks (``ScalingConfig.data_cpus``): ``ceil(data_cpus)`` concurrent
             tasks sharing it.
+        label_selector: Labels of the nodes the decode tasks run on (``Placement.data_selector``); None: anywhere.
 
     Returns:
         The ``ray.data.Dataset``; hand it to ``TorchTrainer(datasets={"train": ...})``.
@@ -186,7 +204,7 @@ def build_train_dataset(
         len(shard_set.shards), shard_set.num_samples, image.size, *_task_resources(data_cpus),
     )
     return _finish_dataset(items, train_task, task_spec, control, data_cpus=data_cpus,
-                           deterministic=data_cfg.deterministic)
+                           deterministic=data_cfg.deterministic, label_selector=label_selector)
 
 
 def build_eval_dataset(
@@ -198,6 +216,7 @@ def build_eval_dataset(
     image_config: ImageConfig | None = None,
     s3_cfg: S3Config | None = None,
     data_cpus: float = 1.0,
+    label_selector: dict[str, str] | None = None,
 ) -> Any:
     """Builds the eval stream of ``data_cfg.val``: every sample exactly once, in manifest order, plus padding.
 
@@ -216,6 +235,7 @@ def build_eval_dataset(
         image_config: Explicit preprocessing instead of ``model_name``.
         s3_cfg: The recipe's ``s3`` section.
         data_cpus: CPU budget of the decode tasks.
+        label_selector: Labels of the nodes the decode tasks run on; None: anywhere.
 
     Returns:
         The ``ray.data.Dataset``.
@@ -239,7 +259,8 @@ def build_eval_dataset(
     items = [{"slot": i} for i in range(len(shard_set.shards))] + ([{"slot": -pad}] if pad else [])
     logger.info("eval stream: %d shard(s), %d samples + %d padding rows, %d split(s) x %d", len(shard_set.shards),
                 shard_set.num_samples, pad, num_splits, batch)
-    return _finish_dataset(items, eval_task, task_spec, control, data_cpus=data_cpus, deterministic=True)
+    return _finish_dataset(items, eval_task, task_spec, control, data_cpus=data_cpus, deterministic=True,
+                           label_selector=label_selector)
 
 
 def train_data_config(datasets: Mapping[str, Any]) -> Any:
