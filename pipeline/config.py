@@ -113,13 +113,36 @@ class ScalingConfig(_Section):
     gpu_memory_gb: float | None = Field(default=None, gt=0)
     """GPU memory per worker, GiB, that the recipe is sized for (``revcol plan`` checks against it; not a Ray
     resource). None: ``revcol plan`` assumes 80."""
-    data_cpus: float = Field(default=1.0, gt=0)
-    """CPU budget for the Ray Data decode/augment tasks, separate from the trainers."""
+    data_cpus: float | Literal["all"] = 1.0
+    """CPU budget for the Ray Data decode/augment tasks, separate from the trainers: a number of CPUs > 0, or
+    ``all``: every CPU of the data nodes, so the budget grows with the cluster (on a cluster without data nodes,
+    the CPUs the training workers leave)."""
+    placement: Literal["auto", "by_role", "anywhere"] = "auto"
+    """Where work goes, by the nodes' role label (``role_label``). ``auto``: Ray Train workers on the nodes labelled
+    ``train_role`` and decode tasks on those labelled ``data_role`` when such nodes are up, and wherever Ray's
+    scheduler puts them when none is (one machine, an unlabelled cluster); ``by_role``: the same, but a cluster
+    without nodes of a role is an error naming the label; ``anywhere``: labels ignored."""
+    role_label: str = Field(default="revcol/role", min_length=1)
+    """Node label that holds a node's role (``infra/`` labels each node ``revcol/role`` = ``head``, ``train`` or
+    ``data``)."""
+    train_role: str = Field(default="train", min_length=1)
+    """``role_label`` value of the nodes that run the Ray Train workers."""
+    data_role: str = Field(default="data", min_length=1)
+    """``role_label`` value of the nodes that run the Ray Data decode tasks."""
     shared_paths: list[str] = Field(default_factory=list)
     """Local folders every node mounts at the same path (NFS, FSx for Lustre, a hostPath): on a cluster of more
     than one node, a local ``storage_path``, shards or weights are allowed only under one of these."""
     max_failures: int = Field(default=0, ge=-1)
     """Worker failures tolerated before the run fails (-1: unlimited); each restart resumes from the last checkpoint."""
+
+    @field_validator("data_cpus", mode="before")
+    @classmethod
+    def _cpus_or_all(cls, value: Any) -> Any:
+        # one message naming both forms (a union would report each member's error under its own sub-key)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if value == "all" or (number and value > 0):
+            return value
+        raise ValueError("must be a number of CPUs > 0 or 'all'")
 
 
 class DataConfig(_Section):
@@ -151,7 +174,8 @@ class DataConfig(_Section):
     """Fraction of undecodable/missing samples tolerated before the run stops naming the bad shards."""
     trace_dir: str | None = None
     """Audit trail: each training worker appends ``epoch shard index`` of every sample it trains on to a file in
-    this local folder (one file per worker process). Off by default."""
+    this local folder (one file per worker process), and every worker and decode task its Ray node to
+    ``nodes.jsonl`` there. Off by default."""
     deterministic: bool = True
     """Keep the seeded order end to end (Ray Data ``preserve_order``): each rank's batches are then a function of
     (seed, epoch, number of workers). False lets decoded blocks flow in completion order instead."""

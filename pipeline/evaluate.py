@@ -84,11 +84,13 @@ def evaluate_weights(
     from ray.train.torch import TorchTrainer
 
     from pipeline.data.stream import build_eval_dataset, check_inputs, train_data_config
+    from pipeline.placement import resolve_placement
     from pipeline.train.launch import run_name, scaling_config
     from pipeline.train.validate import EvalJob, eval_func
 
     specs = specs or check_weights(recipe, stage, weights)
     workers = recipe.scaling.num_workers
+    placement = resolve_placement(recipe.scaling)
     datasets = {}
     for split, data in splits.items():
         shards = check_inputs(data, recipe.s3, splits=("val",))["val"]
@@ -98,7 +100,7 @@ def evaluate_weights(
                              f"classify: {too_many}")
         datasets[split] = build_eval_dataset(
             data, model_name=stage.model.name, s3_cfg=recipe.s3, num_splits=workers,
-            batch_size=stage.data.batch_size, data_cpus=recipe.scaling.data_cpus,
+            batch_size=stage.data.batch_size, data_cpus=placement.data_cpus, label_selector=placement.data_selector,
         )
     job = EvalJob(
         recipe=recipe.model_dump(mode="json", exclude={"s3": S3_SECRETS}),
@@ -113,7 +115,7 @@ def evaluate_weights(
     trainer = TorchTrainer(
         eval_func,
         train_loop_config=job.to_dict(),
-        scaling_config=scaling_config(recipe),
+        scaling_config=scaling_config(recipe, placement),
         run_config=ray.train.RunConfig(name=run_name(recipe, stage), storage_path=path,
                                        storage_filesystem=filesystem),
         datasets=datasets,

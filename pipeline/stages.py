@@ -184,6 +184,7 @@ def plan_pipeline(recipe: Recipe, *, stages: list[str] | None = None) -> dict[st
 def _train_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, done: dict[str, StageOutcome]) -> StageOutcome:
     from pipeline.data.stream import build_eval_dataset, build_train_dataset, check_inputs
     from pipeline.lineage import candidate_stage, log_datasets, log_export_model, register_candidate
+    from pipeline.placement import resolve_placement
     from pipeline.train.launch import fit_stage
 
     data = check_inputs(stage.data, recipe.s3)
@@ -193,17 +194,19 @@ def _train_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, d
     for key, value in {"revcol.init_from": init_uri, "revcol.init_from_run": init_run}.items():
         if value:
             runs.client.set_tag(run_id, key, value)
+    placement = resolve_placement(recipe.scaling)
     datasets = {"train": build_train_dataset(stage.data, model_name=stage.model.name, s3_cfg=recipe.s3,
-                                             data_cpus=recipe.scaling.data_cpus)}
+                                             data_cpus=placement.data_cpus, label_selector=placement.data_selector)}
     if stage.data.val is not None:
         datasets["val"] = build_eval_dataset(
             stage.data, model_name=stage.model.name, s3_cfg=recipe.s3, batch_size=stage.data.batch_size,
-            num_splits=max(1, recipe.scaling.num_workers), data_cpus=recipe.scaling.data_cpus,
+            num_splits=max(1, recipe.scaling.num_workers), data_cpus=placement.data_cpus,
+            label_selector=placement.data_selector,
         )
     start = time.perf_counter()
     result = fit_stage(recipe, stage, datasets=datasets, train_samples=data["train"].num_samples,
                        num_classes=num_classes, run_id=run_id, tracking_uri=recipe.tracking.uri,
-                       init_weights=init_uri)
+                       init_weights=init_uri, placement=placement)
     seconds = time.perf_counter() - start
     if result.error is not None:
         raise RuntimeError(f"stage {stage.name!r} failed: {result.error}") from result.error

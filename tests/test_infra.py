@@ -287,6 +287,15 @@ def test_local_workers_label_themselves() -> None:
     assert parse_node_labels_string(_ray_start_params(head)["labels"]) == {ROLE_LABEL: "head"}
 
 
+def test_recipe_placement_defaults_are_the_infra_labels() -> None:
+    """What ``scaling.placement: auto`` selects by default is what the cluster files above label their nodes."""
+    from pipeline.config import ScalingConfig
+
+    scaling = ScalingConfig()
+    assert (scaling.role_label, scaling.train_role, scaling.data_role) == (ROLE_LABEL, "train", "data")
+    assert {scaling.train_role, scaling.data_role} < set(NODE_ROLES)
+
+
 @pytest.mark.parametrize("path", RAY_CLUSTER_FILES, ids=lambda p: p.name)
 def test_nodes_install_the_pinned_release(path: Path) -> None:
     config = _load(path)

@@ -95,3 +95,87 @@ def test_node_local_paths_are_refused_before_anything_starts(cluster: Any, tmp_p
     ])
     check_shared_storage(shared)
     check_shared_storage(recipe, nodes=1)  # one node: the local default stays
+
+
+def _nodes_of_role(role: str) -> dict[str, float]:
+    """Node id → CPUs of the alive nodes labelled ``revcol/role: role``, as Ray lists them."""
+    import ray
+
+    return {node["NodeID"]: node["Resources"].get("CPU", 0.0) for node in ray.nodes()
+            if node["Alive"] and (node.get("Labels") or {}).get(ROLE) == role}
+
+
+def _ensure_nodes(cluster: Any, role: str, count: int, *, num_cpus: int) -> dict[str, float]:
+    """At least ``count`` alive nodes of ``role`` (the tests above add and remove some; each may run alone)."""
+    for _ in range(count - len(_nodes_of_role(role))):
+        cluster.add_node(num_cpus=num_cpus, labels={ROLE: role})
+    cluster.wait_for_nodes()
+    return _nodes_of_role(role)
+
+
+@pytest.mark.slow
+def test_training_stage_places_workers_on_train_nodes_and_decode_on_data_nodes(
+    cluster: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from pipeline.audit import recorded_nodes
+    from pipeline.config import parse_recipe
+    from pipeline.data.stream import build_eval_dataset, build_train_dataset
+    from pipeline.placement import resolve_placement
+    from pipeline.train.launch import fit_stage
+
+    data_nodes = _ensure_nodes(cluster, "data", 1, num_cpus=2)
+    train_nodes = _ensure_nodes(cluster, "train", 2, num_cpus=1)
+    samples = {split: write_shards("digits", str(tmp_path / split), shard_size=200, split=split,
+                                   progress=False)["num_samples"] for split in ("train", "test")}
+    trace = tmp_path / "trace"
+    recipe = parse_recipe({
+        "name": "placed", "storage_path": str(tmp_path / "runs"),
+        # one CPU per worker: each of the two 1-CPU training nodes must take one
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1, "data_cpus": "all"},
+        "stages": [{
+            "kind": "pretrain",
+            "data": {"train": str(tmp_path / "train"), "val": str(tmp_path / "test"), "batch_size": 32,
+                     "image_size": 32, "auto_augment": None, "random_erasing": 0.0, "shuffle_buffer": 64,
+                     "trace_dir": str(trace)},
+            "model": {"name": "revcol_test"},
+            "optim": {"base_lr": 0.03, "epochs": 1, "max_steps": 4, "warmup_epochs": 0},
+            "checkpoint": {"interval_steps": 100, "keep": 1},
+        }],
+    })
+    stage = recipe.stages[0]
+    with caplog.at_level(logging.INFO, logger="pipeline.placement"):
+        placement = resolve_placement(recipe.scaling)
+    assert placement.data_cpus == sum(data_nodes.values())  # data_cpus: all = the data nodes' CPUs
+    assert (f"Ray Train workers on the {len(train_nodes)} node(s) labelled revcol/role=train; decode tasks "
+            f"({placement.data_cpus:g} CPUs) on the {len(data_nodes)} node(s) labelled revcol/role=data") in caplog.text
+    datasets = {
+        "train": build_train_dataset(stage.data, model_name="revcol_test", data_cpus=placement.data_cpus,
+                                     label_selector=placement.data_selector),
+        "val": build_eval_dataset(stage.data, model_name="revcol_test", num_splits=2, data_cpus=placement.data_cpus,
+                                  label_selector=placement.data_selector),
+    }
+    result = fit_stage(recipe, stage, datasets=datasets, train_samples=samples["train"], num_classes=10,
+                       placement=placement)
+    assert result.error is None and result.metrics["step"] == 4 and "val/top1" in result.metrics
+
+    records = recorded_nodes(trace)
+    workers = [r for r in records if r["role"] == "train_worker"]
+    decode = [r for r in records if r["role"] == "decode"]
+    assert sorted(r["rank"] for r in workers) == [0, 1]
+    assert {r["node"] for r in workers} == set(train_nodes)  # one per training node, none elsewhere
+    assert decode and {r["node"] for r in decode} <= set(data_nodes)  # every decode task on a data node
+    assert {r["split"] for r in decode} == {"train", "val"}
+
+
+def test_placement_falls_back_without_the_label_and_by_role_names_it(cluster: Any) -> None:
+    from pipeline.config import ScalingConfig
+    from pipeline.placement import resolve_placement
+
+    _ensure_nodes(cluster, "data", 1, num_cpus=2)
+    unlabelled = ScalingConfig(role_label="revcol/pool")  # a label no node of this cluster carries
+    placement = resolve_placement(unlabelled)
+    assert placement.train_selector is None and placement.data_selector is None
+    with pytest.raises(ValueError, match=r"carries the label revcol/pool=train \(scaling.train_role\)"):
+        resolve_placement(unlabelled.model_copy(update={"placement": "by_role"}))

@@ -51,7 +51,9 @@ def plan_recipe(
     cluster = cluster or ClusterShape.from_recipe(recipe)
     stages = [recipe.stage(stage)] if stage is not None else list(recipe.stages)
     sc = recipe.scaling
-    cpus = sc.cpus_per_worker + sc.data_cpus / cluster.workers
+    # data_cpus "all" takes the data nodes' CPUs, or what the workers leave: never a worker's own share
+    data_share = 0.0 if sc.data_cpus == "all" else sc.data_cpus / cluster.workers
+    cpus = sc.cpus_per_worker + data_share
     plans = [
         plan_stage(s, cluster, cpus_needed=cpus, with_deepspeed_estimate=with_deepspeed_estimate, **kwargs)
         for s in stages

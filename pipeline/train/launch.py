@@ -7,6 +7,7 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import S3_SECRETS, Recipe, StageConfig
+from pipeline.placement import Placement, resolve_placement
 from pipeline.train.loop import StageJob, train_func
 from pipeline.train.run_folder import read_file, run_name, run_url
 
@@ -15,11 +16,17 @@ __all__ = ["fit_stage", "run_name", "scaling_config"]
 logger = logging.getLogger(__name__)
 
 
-def scaling_config(recipe: Recipe) -> Any:
+def scaling_config(recipe: Recipe, placement: Placement | None = None) -> Any:
     """The ``ray.train.ScalingConfig`` of the recipe's ``scaling`` section: training and evaluation runs alike.
 
+    Args:
+        recipe: The pipeline.
+        placement: Where the workers go (their label selector); default: resolved from the recipe on the
+            connected cluster.
+
     Raises:
-        ValueError: the memory asked for per worker exceeds what the cluster can schedule (Ray would wait forever).
+        ValueError: the memory asked for per worker exceeds what the cluster can schedule (Ray would wait forever),
+            or the placement cannot be resolved (:func:`pipeline.placement.resolve_placement`).
     """
     import ray
     import ray.train
@@ -36,7 +43,9 @@ def scaling_config(recipe: Recipe) -> Any:
                 f"scaling.memory_per_worker_gb={sc.memory_per_worker_gb} x {sc.num_workers} workers, but the Ray "
                 f"cluster offers {offered / 2**30:.1f} GiB of schedulable memory: lower it or add nodes"
             )
-    return ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources)
+    placement = placement or resolve_placement(sc)
+    return ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
+                                   label_selector=placement.train_selector)
 
 
 def fit_stage(
@@ -50,10 +59,13 @@ def fit_stage(
     tracking_uri: str | None = None,
     init_weights: str | None = None,
     log_every: int = 10,
+    placement: Placement | None = None,
 ) -> Any:
     """Runs one training stage on the Ray cluster this process is connected to; returns the ``ray.train.Result``.
 
     Re-running with the same recipe name and stage resumes from the run's latest checkpoint in storage.
+    ``placement``: where the workers go (the one the stage's datasets were built for); default: resolved from the
+    recipe.
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -78,7 +90,7 @@ def fit_stage(
     trainer = TorchTrainer(
         train_func,
         train_loop_config=job.to_dict(),
-        scaling_config=scaling_config(recipe),
+        scaling_config=scaling_config(recipe, placement),
         run_config=ray.train.RunConfig(
             name=run_name(recipe, stage),
             storage_path=path,

@@ -26,6 +26,7 @@ import torch
 
 import revcol
 from pipeline import storage
+from pipeline.audit import record_node
 from pipeline.config import Recipe, StageConfig
 from pipeline.data.stream import StreamPosition, iter_train_batches, skipped_counts
 from pipeline.data.transforms import mix_seed
@@ -320,6 +321,7 @@ def _open_trace(folder: str | None, rank: int) -> Any:
     import os
 
     Path(folder).mkdir(parents=True, exist_ok=True)
+    record_node(folder, "train_worker", rank=rank)
     return open(Path(folder) / f"samples-rank{rank}-pid{os.getpid()}.txt", "a")  # noqa: SIM115 - lives for the run
 
 

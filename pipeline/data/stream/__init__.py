@@ -24,10 +24,12 @@ Driver side::
     from pipeline.data.stream import build_eval_dataset, build_train_dataset, check_inputs, train_data_config
 
     check_inputs(stage.data, recipe.s3)          # fails fast: unreachable S3, bad credentials, missing shards
+    placement = resolve_placement(recipe.scaling)   # pipeline.placement: the data nodes, the CPU budget
     train_ds = build_train_dataset(stage.data, model_name=stage.model.name, s3_cfg=recipe.s3,
-                                   data_cpus=recipe.scaling.data_cpus)
+                                   data_cpus=placement.data_cpus, label_selector=placement.data_selector)
     val_ds = build_eval_dataset(stage.data, model_name=stage.model.name, s3_cfg=recipe.s3,
-                                num_splits=recipe.scaling.num_workers, data_cpus=recipe.scaling.data_cpus)
+                                num_splits=recipe.scaling.num_workers, data_cpus=placement.data_cpus,
+                                label_selector=placement.data_selector)
     datasets = {"train": train_ds, "val": val_ds}
     TorchTrainer(train_func, datasets=datasets, dataset_config=train_data_config(datasets), ...).fit()
 

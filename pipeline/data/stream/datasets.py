@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Mapping
 from typing import Any
 
 from pipeline import storage
+from pipeline.audit import record_node
 from pipeline.config import DataConfig, S3Config
 from pipeline.data.stream.control import CONTROL_KEY, StreamControl
 from pipeline.data.stream.decode import TaskSpec, eval_task, train_task
@@ -103,20 +105,34 @@ def _slots_per_task(num_slots: int, samples_per_slot: float, tasks: int) -> int:
     return max(1, min(wanted, num_slots // (4 * tasks)))
 
 
+def _recording_node(fn: Any, folder: str, split: str) -> Any:
+    """``fn``, first appending the node it runs on to the audit trail (``data.trace_dir``)."""
+
+    @functools.wraps(fn)
+    def decode(batch: dict[str, Any], **kwargs: Any) -> Any:
+        record_node(folder, "decode", split=split)
+        yield from fn(batch, **kwargs)
+
+    return decode
+
+
 def _finish_dataset(num_slots: int, fn: Any, task_spec: TaskSpec, control: Any, *, samples_per_shard: float,
-                    data_cpus: float, deterministic: bool) -> Any:
+                    data_cpus: float, deterministic: bool, label_selector: dict[str, str] | None) -> Any:
     """The stream over slots ``0 .. num_slots - 1`` (column ``id``; a lazy range, nothing per slot is built here),
-    ``fn`` decoding a block of slots per task."""
+    ``fn`` decoding a block of slots per task, on the nodes ``label_selector`` selects (any node when None)."""
     import ray
 
     tasks, cpus = _task_resources(data_cpus)
     per_task = _slots_per_task(num_slots, samples_per_shard, tasks)
+    if task_spec.data_cfg.trace_dir is not None:
+        fn = _recording_node(fn, task_spec.data_cfg.trace_dir, task_spec.split)
     ds = ray.data.range(num_slots, override_num_blocks=math.ceil(num_slots / per_task)).map_batches(
         fn,
         batch_size=per_task,
         fn_kwargs={"spec": task_spec, "control": control},
         compute=ray.data.TaskPoolStrategy(size=tasks),
         num_cpus=cpus,
+        label_selector=label_selector,  # the data nodes (pipeline.placement); None: anywhere
     )
     ds.context.set_config(CONTROL_KEY, control)
     ds.context.execution_options.preserve_order = deterministic
@@ -136,6 +152,7 @@ def build_train_dataset(
     position: StreamPosition | Mapping[str, Any] | None = None,
     s3_cfg: S3Config | None = None,
     data_cpus: float = 1.0,
+    label_selector: dict[str, str] | None = None,
 ) -> Any:
     """Builds the training stream of ``data_cfg.train`` as a Ray Dataset (lazy; nothing is read yet).
 
@@ -156,6 +173,7 @@ def build_train_dataset(
         s3_cfg: The recipe's ``s3`` section (unset fields from the AWS variables).
         data_cpus: CPU budget of the decode tasks (``ScalingConfig.data_cpus``): ``ceil(data_cpus)`` concurrent
             tasks sharing it.
+        label_selector: Labels of the nodes the decode tasks run on (``Placement.data_selector``); None: anywhere.
 
     Returns:
         The ``ray.data.Dataset``; hand it to ``TorchTrainer(datasets={"train": ...})``.
@@ -188,7 +206,7 @@ def build_train_dataset(
     )
     return _finish_dataset(shard_set.num_shards, train_task, task_spec, control,
                            samples_per_shard=shard_set.num_samples / shard_set.num_shards, data_cpus=data_cpus,
-                           deterministic=data_cfg.deterministic)
+                           deterministic=data_cfg.deterministic, label_selector=label_selector)
 
 
 def build_eval_dataset(
@@ -200,6 +218,7 @@ def build_eval_dataset(
     image_config: ImageConfig | None = None,
     s3_cfg: S3Config | None = None,
     data_cpus: float = 1.0,
+    label_selector: dict[str, str] | None = None,
 ) -> Any:
     """Builds the eval stream of ``data_cfg.val``: every sample exactly once, in manifest order, plus padding.
 
@@ -218,6 +237,7 @@ def build_eval_dataset(
         image_config: Explicit preprocessing instead of ``model_name``.
         s3_cfg: The recipe's ``s3`` section.
         data_cpus: CPU budget of the decode tasks.
+        label_selector: Labels of the nodes the decode tasks run on; None: anywhere.
 
     Returns:
         The ``ray.data.Dataset``.
@@ -243,7 +263,7 @@ def build_eval_dataset(
                 shard_set.num_samples, pad, num_splits, batch)
     return _finish_dataset(shard_set.num_shards + (1 if pad else 0), eval_task, task_spec, control,
                            samples_per_shard=shard_set.num_samples / shard_set.num_shards, data_cpus=data_cpus,
-                           deterministic=True)
+                           deterministic=True, label_selector=label_selector)
 
 
 def train_data_config(datasets: Mapping[str, Any]) -> Any:
