@@ -90,7 +90,7 @@ def _overrides(workdir: Path) -> list[str]:
 
 
 @contextlib.contextmanager
-def _local_services(workdir: Path) -> Iterator[list[str]]:
+def _local_services(workdir: Path, events: StageEvents) -> Iterator[list[str]]:
     """Starts an S3 server and an MLflow server (a new ``WORKDIR/services/mlflow.db``) on 127.0.0.1 for the demo;
     yields the recipe overrides that point storage and tracking at them. The S3 server's AWS variables are exported
     for this process (and so for the local Ray it starts) until both servers stop."""
@@ -101,6 +101,8 @@ def _local_services(workdir: Path) -> Iterator[list[str]]:
     (folder / "mlflow.db").unlink(missing_ok=True)
     with S3Server(log_dir=folder) as s3, MLflowServer(s3, folder) as mlflow:
         s3.create_bucket(SERVICES_BUCKET)
+        events.note(f"services: s3 (moto) up at {s3.endpoint_url} (pid {s3.pid}), "
+                    f"mlflow up at {mlflow.tracking_uri} (pid {mlflow.pid}); both stop when the demo ends")
         saved = {key: os.environ.get(key) for key in s3.env()}
         os.environ.update(s3.env())
         try:
@@ -143,7 +145,7 @@ def run_demo(*, workdir: str | Path = "runs/demo", overrides: list[str] | None =
     with contextlib.ExitStack() as stack:
         sets = _overrides(workdir)
         if services:
-            sets += stack.enter_context(_local_services(workdir))
+            sets += stack.enter_context(_local_services(workdir, events))
         recipe = load_recipe(RECIPE, [*sets, *(overrides or [])])
         outcomes = run_pipeline(recipe, stages=stages, events=events)
     summary = {
