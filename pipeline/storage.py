@@ -536,8 +536,11 @@ def list_dir(url: str | Path, *, s3: S3Config | None = None) -> list[Entry]:
             return []
         entries = []
         for child in path.iterdir():
-            is_dir = child.is_dir()
-            entries.append(Entry(name=child.name, is_dir=is_dir, size=None if is_dir else child.stat().st_size))
+            try:
+                is_dir = child.is_dir()
+                entries.append(Entry(name=child.name, is_dir=is_dir, size=None if is_dir else child.stat().st_size))
+            except FileNotFoundError:  # removed meanwhile (Ray Train rotating its checkpoints): not listed
+                continue
         return sorted(entries, key=lambda e: e.name)
     found: list[Entry] = []
     for prefix, page in _pages(url, s3, delimiter=True):
