@@ -3,7 +3,7 @@ Ray Train workers — the ``eval`` stage and ``revcol eval`` — and the rule th
 
 The driver only checks and schedules: it checks each weights file against its model on the ``meta`` device
 (:func:`pipeline.train.weights.model_spec`, before any resource is taken), builds one eval stream per split, divided
-``scaling.num_workers`` ways, and runs :func:`pipeline.train.validate.eval_func` in a ``TorchTrainer`` with the
+among the workers, and runs :func:`pipeline.train.validate.eval_func` in a ``TorchTrainer`` with the
 recipe's scaling, as training does (GPUs when ``use_gpu``). Each rank evaluates its part of every stream (every
 sample exactly once) and the counts are all-reduced.
 
@@ -89,7 +89,6 @@ def evaluate_weights(
     from pipeline.train.validate import EvalJob, eval_func
 
     specs = specs or check_weights(recipe, stage, weights)
-    workers = recipe.scaling.num_workers
     placement = resolve_placement(recipe.scaling)
     datasets = {}
     for split, data in splits.items():
@@ -99,8 +98,7 @@ def evaluate_weights(
             raise ValueError(f"{split} shards {data.val!r} have {shards.num_classes} classes, more than the weights "
                              f"classify: {too_many}")
         datasets[split] = build_eval_dataset(
-            data, model_name=stage.model.name, s3_cfg=recipe.s3, num_splits=workers,
-            batch_size=stage.data.batch_size, data_cpus=placement.data_cpus, label_selector=placement.data_selector,
+            data, model_name=stage.model.name, s3_cfg=recipe.s3, batch_size=stage.data.batch_size, data_cpus=placement.data_cpus, label_selector=placement.data_selector,
         )
     job = EvalJob(
         recipe=recipe.model_dump(mode="json", exclude={"s3": S3_SECRETS}),

@@ -200,8 +200,7 @@ def _train_stage(recipe: Recipe, stage: StageConfig, runs: _Runs, run_id: str, d
     if stage.data.val is not None:
         datasets["val"] = build_eval_dataset(
             stage.data, model_name=stage.model.name, s3_cfg=recipe.s3, batch_size=stage.data.batch_size,
-            num_splits=max(1, recipe.scaling.num_workers), data_cpus=placement.data_cpus,
-            label_selector=placement.data_selector,
+            data_cpus=placement.data_cpus, label_selector=placement.data_selector,
         )
     start = time.perf_counter()
     result = fit_stage(recipe, stage, datasets=datasets, train_samples=data["train"].num_samples,

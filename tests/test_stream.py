@@ -321,24 +321,25 @@ def test_two_consumers_equal_batches(ray_cluster: Path, local_shards: tuple[Path
 
 def test_eval_covers_every_sample_once(ray_cluster: Path, local_shards: tuple[Path, dict[str, Any]]) -> None:
     dest, manifest = local_shards
-    cfg = _cfg(val=str(dest))
-    its = build_eval_dataset(cfg, model_name=MODEL, num_splits=2, batch_size=16, data_cpus=2).streaming_split(
-        2, equal=True
-    )
-    ranks = _run_threads([lambda r=r: list(iter_eval_batches(its[r])) for r in range(2)])
-    assert len(ranks[0]) == len(ranks[1]) > 0
-    valid_keys: list[tuple[int, int]] = []
-    padding = 0
-    for batches in ranks:
-        for b in batches:
-            assert b["image"].shape == (16, 3, SIZE, SIZE) and b["valid"].dtype == torch.bool
-            valid = b["valid"]
-            valid_keys.extend(k for k, v in zip(_keys(b), valid.tolist(), strict=True) if v)
-            padding += int((~valid).sum())
-            assert bool((b["label"][~valid] == -1).all()) and bool((b["label"][valid] >= 0).all())
     n = manifest["num_samples"]
-    assert len(valid_keys) == len(set(valid_keys)) == n and set(valid_keys) == _all_keys(manifest)
-    assert padding == 2 * 16 * len(ranks[0]) - n < 2 * 16
+    dataset = build_eval_dataset(_cfg(val=str(dest)), model_name=MODEL, batch_size=16, data_cpus=2)
+    # the same stream split another number of ways, as an elastic run's worker group changes size: each pass is
+    # padded for the consumers reading it
+    for splits in (2, 3):
+        its = dataset.streaming_split(splits, equal=True)
+        ranks = _run_threads([lambda r=r: list(iter_eval_batches(its[r])) for r in range(splits)])
+        assert len({len(batches) for batches in ranks}) == 1 and len(ranks[0]) > 0
+        valid_keys: list[tuple[int, int]] = []
+        padding = 0
+        for batches in ranks:
+            for b in batches:
+                assert b["image"].shape == (16, 3, SIZE, SIZE) and b["valid"].dtype == torch.bool
+                valid = b["valid"]
+                valid_keys.extend(k for k, v in zip(_keys(b), valid.tolist(), strict=True) if v)
+                padding += int((~valid).sum())
+                assert bool((b["label"][~valid] == -1).all()) and bool((b["label"][valid] >= 0).all())
+        assert len(valid_keys) == len(set(valid_keys)) == n and set(valid_keys) == _all_keys(manifest)
+        assert padding == splits * 16 * len(ranks[0]) - n < splits * 16
 
 
 @pytest.mark.parametrize("resume_workers", [1, 2])
@@ -400,7 +401,7 @@ def test_version1_corpus_streams_the_same(ray_cluster: Path, local_shards: tuple
                        StreamPosition.from_state_dict(old_stream["state"]))
     assert not set(resumed["keys"]) & set(old_stream["keys"])
     assert len(set(resumed["keys"]) | set(old_stream["keys"])) >= manifest["num_samples"] - 16
-    evals = [list(iter_eval_batches(build_eval_dataset(c, num_splits=1, model_name=MODEL, data_cpus=2)))
+    evals = [list(iter_eval_batches(build_eval_dataset(c, model_name=MODEL, data_cpus=2)))
              for c in (cfg_new, cfg_old)]
     for x, y in zip(*evals, strict=True):
         assert _keys(x) == _keys(y) and torch.equal(x["image"], y["image"]) and torch.equal(x["valid"], y["valid"])
@@ -468,7 +469,7 @@ def test_s3_stream_bad_input_and_threshold(ray_cluster: Path, s3_server: S3Serve
     # Healthy first: the S3 path streams every sample.
     ok = check_inputs(_cfg(url, url), s3_cfg)
     assert ok["train"].num_samples == ok["val"].num_samples == n
-    its = build_eval_dataset(_cfg(val=url), model_name=MODEL, num_splits=1, batch_size=16, s3_cfg=s3_cfg,
+    its = build_eval_dataset(_cfg(val=url), model_name=MODEL, batch_size=16, s3_cfg=s3_cfg,
                              data_cpus=2)
     assert sum(int(b["valid"].sum()) for b in iter_eval_batches(its)) == n
 
@@ -493,7 +494,7 @@ def test_s3_stream_bad_input_and_threshold(ray_cluster: Path, s3_server: S3Serve
     assert _warning_lines(ray_cluster, "undecodable image") == 1 and _warning_lines(ray_cluster, "missing shard") == 1
 
     # Eval keeps every row: bad samples are rows with valid=False.
-    ev = build_eval_dataset(_cfg(val=url, max_skipped_frac=0.5), model_name=MODEL, num_splits=1, batch_size=16,
+    ev = build_eval_dataset(_cfg(val=url, max_skipped_frac=0.5), model_name=MODEL, batch_size=16,
                             s3_cfg=s3_cfg, data_cpus=2)
     evb = list(iter_eval_batches(ev))
     assert sum(int(b["valid"].sum()) for b in evb) == n - stats["total"]
@@ -570,7 +571,7 @@ def test_ray_train_workers(ray_cluster: Path, local_shards: tuple[Path, dict[str
     out = tmp_path / "ranks"
     out.mkdir()
     datasets = {"train": build_train_dataset(cfg, model_name=MODEL, data_cpus=2),
-                "val": build_eval_dataset(cfg, model_name=MODEL, num_splits=2, batch_size=16, data_cpus=2)}
+                "val": build_eval_dataset(cfg, model_name=MODEL, batch_size=16, data_cpus=2)}
     trainer = TorchTrainer(
         _ray_train_func,
         train_loop_config={"out": str(out)},

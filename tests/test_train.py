@@ -47,10 +47,9 @@ def digits(ray_cluster, tmp_path_factory):
     data = DataConfig(train=str(root / "train"), val=str(root / "test"), batch_size=32, image_size=32,
                       auto_augment=None, random_erasing=0.0, shuffle_buffer=64)
 
-    def datasets(train_cfg: DataConfig, workers: int = 2):
+    def datasets(train_cfg: DataConfig):
         return {"train": build_train_dataset(train_cfg, model_name="revcol_test", data_cpus=1.0),
-                "val": build_eval_dataset(data, model_name="revcol_test", num_splits=workers, batch_size=32,
-                                          data_cpus=1.0)}
+                "val": build_eval_dataset(data, model_name="revcol_test", batch_size=32, data_cpus=1.0)}
 
     return {"data": data.model_dump(), "datasets": datasets, "train_samples": counts["train"]}
 
@@ -72,7 +71,7 @@ def _recipe(digits, storage: str, *, name: str, workers: int = 2, **stage):
 def _fit(recipe, digits, **kwargs):
     stage = recipe.stages[0]
     kwargs.setdefault("log_every", 5)
-    return fit_stage(recipe, stage, datasets=digits["datasets"](stage.data, recipe.scaling.num_workers),
+    return fit_stage(recipe, stage, datasets=digits["datasets"](stage.data),
                      train_samples=digits["train_samples"], num_classes=10, **kwargs)
 
 

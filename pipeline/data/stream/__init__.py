@@ -28,12 +28,11 @@ Driver side::
     train_ds = build_train_dataset(stage.data, model_name=stage.model.name, s3_cfg=recipe.s3,
                                    data_cpus=placement.data_cpus, label_selector=placement.data_selector)
     val_ds = build_eval_dataset(stage.data, model_name=stage.model.name, s3_cfg=recipe.s3,
-                                num_splits=recipe.scaling.num_workers, data_cpus=placement.data_cpus,
-                                label_selector=placement.data_selector)
+                                data_cpus=placement.data_cpus, label_selector=placement.data_selector)
     datasets = {"train": train_ds, "val": val_ds}
     TorchTrainer(train_func, datasets=datasets, dataset_config=train_data_config(datasets), ...).fit()
 
-:func:`train_data_config` splits ``val`` too (the eval stream is padded for ``num_splits`` consumers) and keeps
+:func:`train_data_config` splits ``val`` too (each eval pass is padded for the consumers that read it) and keeps
 ``preserve_order`` (Ray Train's default ``DataConfig`` replaces each dataset's execution options).
 
 Leave CPUs to the decode tasks: trainers that take every CPU starve them (fractional ``cpus_per_worker`` on small

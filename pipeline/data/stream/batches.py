@@ -48,6 +48,15 @@ def _rank_of(source: Any) -> int:
         return 0
 
 
+def _train_world_size() -> int:
+    try:
+        import ray.train
+
+        return int(ray.train.get_context().get_world_size())
+    except Exception:  # noqa: BLE001 - not inside Ray Train
+        return 1
+
+
 def _close(iterator: Any) -> None:
     close = getattr(iterator, "close", None)
     if close is not None:
@@ -180,8 +189,7 @@ def iter_eval_batches(
 
     Raises:
         DataSkipError: more input was bad than ``data.max_skipped_frac`` allows.
-        ValueError: ``batch_size`` differs from the dataset's, or the stream is split into another number of
-            parts than it was built for.
+        ValueError: ``batch_size`` differs from the dataset's.
     """
     import ray
     import torch
@@ -191,16 +199,14 @@ def iter_eval_batches(
     if info.get("kind") != "eval":
         raise ValueError("iter_eval_batches needs a stream from build_eval_dataset (got a train stream)")
     splits = source.world_size() if hasattr(source, "world_size") else None
-    if splits is None and info["num_splits"] > 1 and hasattr(source, "get_context"):
+    if splits is None and hasattr(source, "get_context") and _train_world_size() > 1:
         logger.warning(
-            "the eval stream (built for %d workers) reaches this worker unsplit: every rank evaluates every sample; "
-            "give TorchTrainer dataset_config=train_data_config(datasets) to split it", info["num_splits"],
+            "the eval stream reaches this Ray Train worker unsplit: every rank evaluates every sample; give "
+            "TorchTrainer dataset_config=train_data_config(datasets) to split it"
         )
-    if splits is not None and splits != info["num_splits"]:
-        raise ValueError(
-            f"the eval stream is split {splits} ways but was built for num_splits={info['num_splits']}; an equal "
-            "split would drop samples (build it with build_eval_dataset(num_splits=<number of workers>))"
-        )
+    # Before the pass starts (Ray Data's split starts it once every consumer has asked): the padding is sized for
+    # this many consumers.
+    ray.get(control.begin_eval.remote(splits or 1))
     if batch_size is not None and batch_size != info["batch_size"]:
         raise ValueError(
             f"batch_size={batch_size} differs from the eval dataset's {info['batch_size']} "

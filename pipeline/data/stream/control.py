@@ -55,6 +55,7 @@ class StreamControl:
         self._shards_per_epoch: dict[int, dict[str, Counter[str]]] = {}
         self._warned: set[str] = set()
         self._fatal: str | None = None
+        self._splits = 1
 
     def info(self) -> dict[str, Any]:
         return {**self._info, "epoch": self._epoch}
@@ -63,6 +64,16 @@ class StreamControl:
         """Starts a pass of ``epoch`` that skips what ``position`` (a :meth:`StreamPosition.state_dict`) consumed."""
         self._epoch = int(epoch)
         self._consumed = StreamPosition.from_state_dict(position)
+
+    def begin_eval(self, splits: int) -> None:
+        """Starts a pass of an eval stream read by ``splits`` consumers (the worker group's size, which an elastic
+        run changes from one restart to the next): the padding slot pads for that many."""
+        self._splits = int(splits)
+
+    def padding_rows(self) -> int:
+        """Padding rows that make the eval stream's rows a multiple of ``consumers x batch_size``, so an equal split
+        gives every consumer the same number of full batches and drops no sample."""
+        return -self._info["total"] % (self._splits * self._info["batch_size"])
 
     def plan(self, slot: int) -> ShardPlan:
         """The shard read in ``slot`` of the current pass (the epoch's shard order, or the stream's when unshuffled)."""

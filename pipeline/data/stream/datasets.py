@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import math
@@ -65,7 +64,6 @@ def _build(
     task_spec = TaskSpec(
         split=split,
         num_shards=shard_set.num_shards,
-        padding_rows=0,
         num_classes=shard_set.num_classes,
         seed=data_cfg.seed,
         image=image,
@@ -212,7 +210,6 @@ def build_train_dataset(
 def build_eval_dataset(
     data_cfg: DataConfig,
     *,
-    num_splits: int,
     batch_size: int | None = None,
     model_name: str | None = None,
     image_config: ImageConfig | None = None,
@@ -223,15 +220,16 @@ def build_eval_dataset(
     """Builds the eval stream of ``data_cfg.val``: every sample exactly once, in manifest order, plus padding.
 
     The dataset holds one row per sample of the manifest (bad ones with ``valid=False``) and padding rows
-    (``valid=False``, ``shard=-1``) up to a multiple of ``num_splits * batch_size``, so an equal split gives every
-    rank the same number of full batches.
+    (``valid=False``, ``shard=-1``) up to a multiple of ``consumers * batch_size``, so an equal split gives every
+    rank the same number of full batches. The number of consumers is not fixed here: :func:`iter_eval_batches`
+    tells the stream at the start of each pass how many ways it is split (an elastic run's worker group changes
+    size from one restart to the next).
 
     Rows: ``image`` uint8 ``(3, S, S)`` (resize + centre crop), ``label`` int64 (-1 when invalid), ``valid``
     bool, ``shard`` int32, ``index`` int32.
 
     Args:
         data_cfg: The stage's ``data`` section.
-        num_splits: Number of consumers (Ray Train workers).
         batch_size: Eval batch per worker (default ``data_cfg.batch_size``).
         model_name: A RevCol variant whose cfg gives the preprocessing.
         image_config: Explicit preprocessing instead of ``model_name``.
@@ -246,22 +244,19 @@ def build_eval_dataset(
         ValueError: ``data.val`` unset or bad arguments.
         pipeline.storage.S3AccessError: S3 cannot be used.
     """
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     batch = data_cfg.batch_size if batch_size is None else batch_size
     if batch < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch}")
     control, shard_set, image, task_spec, info = _build(
         split="val", spec=data_cfg.val, data_cfg=data_cfg, model_name=model_name, image_config=image_config,
         s3_cfg=s3_cfg, data_cpus=data_cpus,
-        extra_info={"shuffle_shards": False, "batch_size": batch, "num_splits": num_splits, "kind": "eval"},
+        extra_info={"shuffle_shards": False, "batch_size": batch, "kind": "eval"},
         epoch=0,
     )
-    pad = -shard_set.num_samples % (num_splits * batch)
-    task_spec = dataclasses.replace(task_spec, padding_rows=pad)
-    logger.info("eval stream: %d shard(s), %d samples + %d padding rows, %d split(s) x %d", shard_set.num_shards,
-                shard_set.num_samples, pad, num_splits, batch)
-    return _finish_dataset(shard_set.num_shards + (1 if pad else 0), eval_task, task_spec, control,
+    logger.info("eval stream: %d shard(s), %d samples, padded per pass to a multiple of consumers x %d",
+                shard_set.num_shards, shard_set.num_samples, batch)
+    # the last slot holds the padding rows (none when the pass's split needs none)
+    return _finish_dataset(shard_set.num_shards + 1, eval_task, task_spec, control,
                            samples_per_shard=shard_set.num_samples / shard_set.num_shards, data_cpus=data_cpus,
                            deterministic=True, label_selector=label_selector)
 

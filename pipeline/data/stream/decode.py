@@ -86,12 +86,12 @@ class TaskSpec:
     """What every decode task of a stream needs, shipped once per task; its size does not grow with the corpus
     (each task learns its shards from the control actor's :class:`ShardPlan`). Holds no secrets in its repr.
 
-    ``padding_rows`` (eval streams): the slot numbered ``num_shards`` emits that many padding rows.
+    Eval streams: the slot numbered ``num_shards`` emits the padding rows (as many as the control actor's
+    ``padding_rows()`` says for the pass's consumers).
     """
 
     split: str
     num_shards: int
-    padding_rows: int
     num_classes: int
     seed: int
     image: ImageConfig
@@ -215,7 +215,7 @@ def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> It
 
 def eval_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> Iterator[dict[str, np.ndarray]]:
     """Decode task of the eval stream: every sample of a shard in order, bad ones as ``valid=False`` rows; slot
-    ``spec.num_shards`` emits ``spec.padding_rows`` padding rows."""
+    ``spec.num_shards`` emits the padding rows of the pass (``StreamControl.padding_rows``)."""
     import ray
 
     size = spec.image.size
@@ -231,7 +231,7 @@ def eval_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> Ite
         slot = int(slot)
         rows = _RowBuffer(spec.rows_per_block, columns, zeros=True)  # invalid rows keep a black image
         if slot == spec.num_shards:  # padding
-            for _ in range(spec.padding_rows):
+            for _ in range(ray.get(control.padding_rows.remote())):
                 block = rows.add(label=-1, valid=False, shard=-1, index=-1)
                 if block is not None:
                     yield block
