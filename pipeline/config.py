@@ -100,8 +100,13 @@ class S3Config(_Section):
 
 
 class ScalingConfig(_Section):
-    num_workers: int = Field(default=1, ge=1)
-    """Ray Train workers (one per GPU when ``use_gpu``)."""
+    num_workers: int | tuple[int, int] = 1
+    """Ray Train workers (one per GPU when ``use_gpu``): a number, or a range ``min..max`` (``"2..8"``, or
+    ``[2, 8]``) for Ray Train's elastic mode: the worker group starts with as many workers as the cluster has room
+    for, at most ``max``, and when a node is lost it restarts from the last checkpoint on what is left as long as
+    ``min`` fit (and grows back when nodes return). Each restart on another number of workers continues the
+    learning-rate schedule by samples seen; the optimizer state then starts afresh (the consolidated weights are
+    loaded, ZeRO shards are per world size)."""
     use_gpu: bool = False
     """Give each worker one GPU and use NCCL; otherwise CPU workers with gloo."""
     cpus_per_worker: float = Field(default=1.0, gt=0)
@@ -134,6 +139,37 @@ class ScalingConfig(_Section):
     than one node, a local ``storage_path``, shards or weights are allowed only under one of these."""
     max_failures: int = Field(default=0, ge=-1)
     """Worker failures tolerated before the run fails (-1: unlimited); each restart resumes from the last checkpoint."""
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _count_or_range(cls, value: Any) -> Any:
+        # one message naming every accepted form; "a..b" is what `--set scaling.num_workers=1..2` gives
+        if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*\.\.\s*\d+\s*", value):
+            value = [int(bound) for bound in value.split("..")]
+        if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                isinstance(bound, int) and not isinstance(bound, bool) for bound in value):
+            low, high = value
+            if 1 <= low <= high:
+                return low if low == high else (low, high)
+        elif isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+        raise ValueError("must be a number of workers >= 1, or a range 'min..max' (or [min, max]) with "
+                         "1 <= min <= max")
+
+    @property
+    def elastic(self) -> bool:
+        """Whether ``num_workers`` is a range (Ray Train's elastic mode)."""
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the stage runs on (``num_workers`` when fixed)."""
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the stage runs on (``num_workers`` when fixed)."""
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
     @field_validator("data_cpus", mode="before")
     @classmethod

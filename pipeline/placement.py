@@ -118,11 +118,11 @@ def _all_data_cpus(scaling: ScalingConfig, nodes: list[dict[str, Any]], *, on_da
             raise ValueError(f"scaling.data_cpus: 'all', but the {len(nodes)} data node(s) "
                              f"({scaling.role_label}={scaling.data_role}) have no CPUs")
         return cpus
-    workers = scaling.num_workers * scaling.cpus_per_worker
+    workers = scaling.max_workers * scaling.cpus_per_worker  # an elastic run grows up to its maximum
     if cpus - workers <= 0:
         raise ValueError(
             f"scaling.data_cpus: 'all', the cluster has no data nodes ({scaling.role_label}={scaling.data_role}), "
-            f"and its {cpus:g} CPUs all go to the {scaling.num_workers} workers x scaling.cpus_per_worker="
+            f"and its {cpus:g} CPUs all go to the {scaling.max_workers} workers x scaling.cpus_per_worker="
             f"{scaling.cpus_per_worker:g}: set a number of CPUs, or add data nodes"
         )
     return cpus - workers

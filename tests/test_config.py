@@ -67,7 +67,8 @@ def test_load_from_yaml_file_with_overrides(tmp_path):
         ("stages.0.model.name=revcol_giant", "unknown model 'revcol_giant'; allowed: revcol_tiny"),
         ("stages.0.model.overrides={widths: [1]}", "unknown override(s) ['widths']"),
         ("stages.0.kind=distill", "stages.0.kind: Input should be 'pretrain', 'finetune' or 'eval'"),
-        ("scaling.num_workers=0", "scaling.num_workers: Input should be greater than or equal to 1 (got 0)"),
+        ("scaling.num_workers=0", "scaling.num_workers: Value error, must be a number of workers >= 1, or a range "
+                                  "'min..max' (or [min, max]) with 1 <= min <= max (got 0)"),
         ("stages.0.optim.betas=[0.9, 1.5]", "betas must lie in [0, 1)"),
         ("stages.0.deepspeed.offload_param=cpu", "offload_param='cpu' needs zero_stage: 3"),
         ("stages.2.init_from=pretrian", "'pretrian' is neither an earlier stage"),
@@ -77,6 +78,28 @@ def test_load_from_yaml_file_with_overrides(tmp_path):
 )
 def test_bad_values_are_named(override, expected):
     assert expected in _error(BASE, [override])
+
+
+@pytest.mark.parametrize(("value", "parsed"), [("1..2", (1, 2)), ("[2, 8]", (2, 8)), ("3..3", 3), ("4", 4)])
+def test_num_workers_is_a_count_or_an_elastic_range(value, parsed):
+    from pipeline.placement import Placement
+    from pipeline.train.launch import scaling_config
+
+    scaling = parse_recipe(BASE, [f"scaling.num_workers={value}"]).scaling
+    low, high = parsed if isinstance(parsed, tuple) else (parsed, parsed)
+    assert (scaling.num_workers, scaling.min_workers, scaling.max_workers) == (parsed, low, high)
+    assert scaling.elastic == isinstance(parsed, tuple)
+    again = Recipe.model_validate(parse_recipe(BASE, [f"scaling.num_workers={value}"]).model_dump(mode="json"))
+    assert again.scaling.num_workers == parsed  # as the workers rebuild it from JSON
+    ray_scaling = scaling_config(parse_recipe(BASE, [f"scaling.num_workers={value}"]),
+                                 Placement(train_selector=None, data_selector=None, data_cpus=1.0))
+    assert ray_scaling.num_workers == parsed and ray_scaling.elasticity_enabled == scaling.elastic
+
+
+@pytest.mark.parametrize("value", ["2..1", "0..2", "[1, 2, 3]", "1..", "many", "true", "[1.5, 2]"])
+def test_bad_num_workers_ranges_are_named(value):
+    assert ("scaling.num_workers: Value error, must be a number of workers >= 1, or a range 'min..max' (or "
+            "[min, max]) with 1 <= min <= max") in _error(BASE, [f"scaling.num_workers={value}"])
 
 
 def test_missing_required_and_empty_stages():

@@ -222,7 +222,8 @@ class ClusterShape:
             sources[name] = "default"
             return default
 
-        n = pick("workers", workers, d and d.workers, max(sc.num_workers, 1), 1)
+        # an elastic range is planned at its minimum: ZeRO's per-worker share is the largest there
+        n = pick("workers", workers, d and d.workers, sc.min_workers, 1)
         return cls(
             workers=n,
             use_gpu=sc.use_gpu,

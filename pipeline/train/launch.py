@@ -38,9 +38,9 @@ def scaling_config(recipe: Recipe, placement: Placement | None = None) -> Any:
     if sc.memory_per_worker_gb:
         resources["memory"] = sc.memory_per_worker_gb * 2**30
         offered = ray.cluster_resources().get("memory", 0)
-        if resources["memory"] * sc.num_workers > offered:
+        if resources["memory"] * sc.min_workers > offered:  # an elastic run starts once its minimum fits
             raise ValueError(
-                f"scaling.memory_per_worker_gb={sc.memory_per_worker_gb} x {sc.num_workers} workers, but the Ray "
+                f"scaling.memory_per_worker_gb={sc.memory_per_worker_gb} x {sc.min_workers} workers, but the Ray "
                 f"cluster offers {offered / 2**30:.1f} GiB of schedulable memory: lower it or add nodes"
             )
     placement = placement or resolve_placement(sc)
