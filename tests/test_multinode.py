@@ -237,8 +237,20 @@ def test_losing_rank0s_training_node_mid_epoch(
     from pipeline.audit import recorded_nodes
     from pipeline.demo import _overrides
 
-    _ensure_nodes(cluster, "data", 1, num_cpus=2)
     train_nodes = _ensure_nodes(cluster, "train", 2, num_cpus=1)
+    extra = []
+    if replacement:
+        _ensure_nodes(cluster, "data", 1, num_cpus=2)
+    else:
+        # Ray 2.60's elastic policy counts the room for workers by resources alone, labels aside: a data node's
+        # CPUs would count as room for a CPU worker, and the group would wait for a worker that can never be
+        # placed there. Workers need memory (4 GiB, what revcol plan asks for) that the data node lacks (as they
+        # need GPUs that data nodes lack on a real cluster).
+        small = cluster.add_node(num_cpus=2, memory=2**30, labels={ROLE: "data"})
+        for node in [n for n in cluster.worker_nodes if n.node_id in _nodes_of_role("data") and n is not small]:
+            cluster.remove_node(node)
+        cluster.wait_for_nodes()
+        extra = ["scaling.memory_per_worker_gb=4"]
     bucket = f"nodeloss-{uuid.uuid4().hex[:8]}"
     s3_server.create_bucket(bucket)
     experiment = f"nodeloss-{uuid.uuid4().hex[:8]}"
@@ -249,7 +261,7 @@ def test_losing_rank0s_training_node_mid_epoch(
         "scaling.cpus_per_worker=1", "scaling.data_cpus=all", "scaling.max_failures=2",
         f"scaling.shared_paths=[{digits}, {tmp_path}]",  # one machine: every node sees these folders
         f"stages.pretrain.data.trace_dir={trace}", "stages.pretrain.optim.epochs=1",
-        f"stages.pretrain.checkpoint.interval_steps={INTERVAL}",
+        f"stages.pretrain.checkpoint.interval_steps={INTERVAL}", *extra,
     ]
     # credentials only this run has (moto accepts any): they must show up in no output
     secrets = {"AWS_SECRET_ACCESS_KEY": f"nodeloss-secret-{uuid.uuid4().hex}",
