@@ -96,3 +96,15 @@ def test_placement_keys_parse_and_bad_ones_are_named() -> None:
         parse_recipe(_recipe(placement="labels"))
     with pytest.raises(RecipeError, match="scaling.role_label"):
         parse_recipe(_recipe(role_label=""))
+
+
+def test_elastic_cpu_workers_beside_data_nodes_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.placement import Placement
+    from pipeline.train.launch import scaling_config
+
+    placed = Placement(train_selector={ROLE: "train"}, data_selector={ROLE: "data"}, data_cpus=2.0)
+    for workers, warned in (("1..2", True), (2, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.train.launch"):
+            scaling_config(parse_recipe(_recipe(num_workers=workers)), placed)
+        assert ("scaling.num_workers=1..2 (elastic) with workers that ask for CPUs only" in caplog.text) == warned

@@ -44,6 +44,15 @@ def scaling_config(recipe: Recipe, placement: Placement | None = None) -> Any:
                 f"cluster offers {offered / 2**30:.1f} GiB of schedulable memory: lower it or add nodes"
             )
     placement = placement or resolve_placement(sc)
+    if sc.elastic and placement.data_selector is not None and not sc.use_gpu and not sc.memory_per_worker_gb:
+        # seen on a labelled cluster: after the loss of a training node the group waited for ever
+        logger.warning(
+            "scaling.num_workers=%d..%d (elastic) with workers that ask for CPUs only: Ray's elastic mode counts "
+            "the room for workers by resources, not node labels, so the data nodes' CPUs look like room for "
+            "training workers, and after a node loss the worker group waits for workers it cannot place; give them "
+            "a resource data nodes lack (use_gpu, or scaling.memory_per_worker_gb above a data node's memory)",
+            sc.min_workers, sc.max_workers,
+        )
     return ray.train.ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources,
                                    label_selector=placement.train_selector)
 
