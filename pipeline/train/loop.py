@@ -241,6 +241,7 @@ def train_func(config: dict[str, Any]) -> None:
     done = state.step >= total_steps
     window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "samples": 0}
     while not done:
+        state.epoch = position.epoch or 0  # the pass in training (the progress line shows it), not the last report's
         t_wait = time.perf_counter()
         for batch in iter_train_batches(train_shard, batch_size=micro, position=position, device=engine.device):
             t_got = time.perf_counter()
