@@ -68,7 +68,8 @@ def _decode_image(fields: dict[str, bytes]) -> Any:
         raise Unavailable(SKIP_BAD_IMAGE, f"{err.__class__.__name__}: {err}") from None
 
 
-def _parse_label(fields: dict[str, bytes], num_classes: int) -> int:
+def _parse_label(fields: dict[str, bytes], label_map: np.ndarray) -> int:
+    """The sample's class in the stage's label set: its ``.cls`` index, through its source's label map."""
     raw = fields.get("cls")
     if raw is None:
         raise Unavailable(SKIP_NO_LABEL, "no .cls field")
@@ -76,9 +77,9 @@ def _parse_label(fields: dict[str, bytes], num_classes: int) -> int:
         label = int(raw.decode("utf-8").strip())
     except (UnicodeDecodeError, ValueError):
         raise Unavailable(SKIP_BAD_LABEL, f".cls is not an integer: {raw[:20]!r}") from None
-    if not 0 <= label < num_classes:
-        raise Unavailable(SKIP_BAD_LABEL, f"label {label} outside [0, {num_classes})")
-    return label
+    if not 0 <= label < label_map.size:
+        raise Unavailable(SKIP_BAD_LABEL, f"label {label} outside [0, {label_map.size})")
+    return int(label_map[label])
 
 
 @dataclass(frozen=True)
@@ -87,12 +88,13 @@ class TaskSpec:
     (each task learns its shards from the control actor's :class:`ShardPlan`). Holds no secrets in its repr.
 
     ``padding_rows`` (eval streams): the slot numbered ``num_shards`` emits that many padding rows.
+    ``label_maps``: per source (:attr:`ShardPlan.source`), its class index → the stage's label.
     """
 
     split: str
     num_shards: int
     padding_rows: int
-    num_classes: int
+    label_maps: tuple[np.ndarray, ...]
     seed: int
     image: ImageConfig
     data_cfg: DataConfig
@@ -176,6 +178,7 @@ def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> It
                 "shard": ((), np.int32),
                 "index": ((), np.int32),
                 "epoch": ((), np.int32),
+                "source": ((), np.int16),
                 "erase": ((4,), np.int16),
             },
         )
@@ -190,7 +193,7 @@ def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> It
                 continue
             fields = samples[i]
             try:
-                label = _parse_label(fields, spec.num_classes)
+                label = _parse_label(fields, spec.label_maps[plan.source])
                 image = _decode_image(fields)
             except Unavailable as err:
                 counts[err.kind] += 1
@@ -204,7 +207,8 @@ def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> It
                 examples.setdefault(SKIP_TRANSFORM, f"{plan.name}:{fields['__key__']}: {err!r}")
                 continue
             box = sample_erase_box(rng, size, size, prob=spec.erase_prob)
-            block = rows.add(image=pixels, label=label, shard=shard, index=i, epoch=epoch, erase=box)
+            block = rows.add(image=pixels, label=label, shard=shard, index=i, epoch=epoch, source=plan.source,
+                             erase=box)
             if block is not None:
                 yield block
         block = rows.flush()
@@ -254,7 +258,7 @@ def eval_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> Ite
             if i < len(samples):
                 fields = samples[i]
                 try:
-                    label = _parse_label(fields, spec.num_classes)
+                    label = _parse_label(fields, spec.label_maps[plan.source])
                     image = _decode_image(fields)
                     try:
                         pixels = np.asarray(transform(image))
