@@ -236,6 +236,13 @@ class DataConfig(_Section):
         train = self.train
         return train if isinstance(train, list) and train and isinstance(train[0], SourceConfig) else []  # type: ignore[return-value]
 
+    def spec_paths(self, split: Literal["train", "val"]) -> list[str]:
+        """Every shard path or URL that ``train`` or ``val`` names (a mixture's: every source's)."""
+        value = getattr(self, split)
+        items = [value] if isinstance(value, (str, SourceConfig)) else list(value or [])
+        shards = [item.shards if isinstance(item, SourceConfig) else item for item in items]
+        return [path for spec in shards for path in ([spec] if isinstance(spec, str) else spec)]
+
     @model_validator(mode="after")
     def _mixture_keys(self) -> DataConfig:
         names = [source.name for source in self.sources]

@@ -119,6 +119,8 @@ def test_recipe_mixture_parses_and_survives_the_worker_roundtrip() -> None:
     assert again.stages[0].data == data
     plain = parse_recipe(_data(train=["/d/a/shard-000000.tar", "/d/a/shard-000001.tar"])).stages[0].data
     assert plain.sources == [] and plain.train == ["/d/a/shard-000000.tar", "/d/a/shard-000001.tar"]
+    assert data.spec_paths("train") == ["/d/up", "/d/rot/shard-000000.tar"] and data.spec_paths("val") == []
+    assert plain.spec_paths("train") == plain.train
 
 
 @pytest.mark.parametrize(("data", "message"), [

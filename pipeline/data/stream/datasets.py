@@ -9,8 +9,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from pipeline import storage
 from pipeline.audit import record_node
 from pipeline.config import DataConfig, S3Config
@@ -65,7 +63,8 @@ def _build(
         split=split,
         num_shards=shard_set.num_shards,
         padding_rows=0,
-        label_maps=shard_set.label_maps or (np.arange(shard_set.num_classes),),
+        num_classes=shard_set.num_classes,
+        label_maps=shard_set.label_maps,
         seed=data_cfg.seed,
         image=image,
         data_cfg=data_cfg,

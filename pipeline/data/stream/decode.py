@@ -68,8 +68,7 @@ def _decode_image(fields: dict[str, bytes]) -> Any:
         raise Unavailable(SKIP_BAD_IMAGE, f"{err.__class__.__name__}: {err}") from None
 
 
-def _parse_label(fields: dict[str, bytes], label_map: np.ndarray) -> int:
-    """The sample's class in the stage's label set: its ``.cls`` index, through its source's label map."""
+def _parse_label(fields: dict[str, bytes], num_classes: int) -> int:
     raw = fields.get("cls")
     if raw is None:
         raise Unavailable(SKIP_NO_LABEL, "no .cls field")
@@ -77,9 +76,9 @@ def _parse_label(fields: dict[str, bytes], label_map: np.ndarray) -> int:
         label = int(raw.decode("utf-8").strip())
     except (UnicodeDecodeError, ValueError):
         raise Unavailable(SKIP_BAD_LABEL, f".cls is not an integer: {raw[:20]!r}") from None
-    if not 0 <= label < label_map.size:
-        raise Unavailable(SKIP_BAD_LABEL, f"label {label} outside [0, {label_map.size})")
-    return int(label_map[label])
+    if not 0 <= label < num_classes:
+        raise Unavailable(SKIP_BAD_LABEL, f"label {label} outside [0, {num_classes})")
+    return label
 
 
 @dataclass(frozen=True)
@@ -88,12 +87,15 @@ class TaskSpec:
     (each task learns its shards from the control actor's :class:`ShardPlan`). Holds no secrets in its repr.
 
     ``padding_rows`` (eval streams): the slot numbered ``num_shards`` emits that many padding rows.
-    ``label_maps``: per source (:attr:`ShardPlan.source`), its class index → the stage's label.
+    ``label_maps`` (mixtures): per source (:attr:`ShardPlan.source`), its class index → the stage's label; empty:
+    labels as the shards store them (``num_classes`` of them), so a single source's spec does not grow with its
+    classes.
     """
 
     split: str
     num_shards: int
     padding_rows: int
+    num_classes: int
     label_maps: tuple[np.ndarray, ...]
     seed: int
     image: ImageConfig
@@ -139,6 +141,14 @@ def _finish_shard(control: Any, plan: ShardPlan, counts: Counter[str], examples:
     fatal = ray.get(control.report.remote(plan.epoch, plan.name, dict(counts), examples))
     if fatal is not None:
         raise DataSkipError(fatal)
+
+
+def _stage_label(fields: dict[str, bytes], spec: TaskSpec, source: int) -> int:
+    """The sample's class in the stage's label set: its ``.cls`` index, through its source's label map if any."""
+    if not spec.label_maps:
+        return _parse_label(fields, spec.num_classes)
+    label_map = spec.label_maps[source]
+    return int(label_map[_parse_label(fields, label_map.size)])
 
 
 def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> Iterator[dict[str, np.ndarray]]:
@@ -193,7 +203,7 @@ def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> It
                 continue
             fields = samples[i]
             try:
-                label = _parse_label(fields, spec.label_maps[plan.source])
+                label = _stage_label(fields, spec, plan.source)
                 image = _decode_image(fields)
             except Unavailable as err:
                 counts[err.kind] += 1
@@ -258,7 +268,7 @@ def eval_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> Ite
             if i < len(samples):
                 fields = samples[i]
                 try:
-                    label = _parse_label(fields, spec.label_maps[plan.source])
+                    label = _stage_label(fields, spec, plan.source)
                     image = _decode_image(fields)
                     try:
                         pixels = np.asarray(transform(image))
