@@ -50,6 +50,13 @@ def _absolute(path: str) -> Path:
     return Path(path).expanduser().absolute()
 
 
+def _safe_name(what: str, name: str) -> str:
+    """``name``, checked to be usable in folder names and metric keys."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"{what} {name!r} may only hold letters, digits, '_', '.', '-'")
+    return name
+
+
 class _Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, field docstrings are the documentation."""
 
@@ -161,9 +168,7 @@ class SourceConfig(_Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise ValueError(f"source name {name!r} may only hold letters, digits, '_', '.', '-'")
-        return name
+        return _safe_name("source name", name)
 
 
 class DataConfig(_Section):
@@ -435,8 +440,7 @@ class StageConfig(_Section):
     def _defaults_and_checks(self) -> StageConfig:
         if self.name is None:
             self.name = self.kind
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
-            raise ValueError(f"stage name {self.name!r} may only hold letters, digits, '_', '.', '-'")
+        _safe_name("stage name", self.name)
         if self.kind in ("pretrain", "finetune") and self.data.train is None:
             raise ValueError(f"a {self.kind} stage needs data.train")
         if self.kind == "eval" and self.data.val is None:
@@ -468,9 +472,7 @@ class Recipe(_Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise ValueError(f"name {name!r} may only hold letters, digits, '_', '.', '-'")
-        return name
+        return _safe_name("name", name)
 
     @model_validator(mode="after")
     def _stage_graph(self) -> Recipe:

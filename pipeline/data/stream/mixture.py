@@ -88,10 +88,6 @@ class MixtureOrder:
         return cls(sizes=tuple(sizes), draws=tuple(draws), copies=tuple(copies))
 
     @property
-    def num_sources(self) -> int:
-        return len(self.sizes)
-
-    @property
     def num_shards(self) -> int:
         """Shards in the stream's list (every copy of every source's shards)."""
         return int(sum(s * c for s, c in zip(self.sizes, self.copies, strict=True)))
@@ -108,11 +104,6 @@ class MixtureOrder:
     def source_of(self, shards: np.ndarray | int) -> np.ndarray:
         """The source of each of the stream's ``shards``."""
         return np.searchsorted(self.starts(), shards, side="right") - 1
-
-    def original(self, shards: np.ndarray) -> np.ndarray:
-        """Each stream shard's place among its source's shards (the copy left out)."""
-        source = self.source_of(shards)
-        return (np.asarray(shards) - self.starts()[source]) % np.asarray(self.sizes)[source]
 
     def order_and_slots(self, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(order, slot of each shard) of an epoch: ``order[:num_slots]`` are the shards it reads, in reading order.
