@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -161,6 +162,7 @@ def test_resolve_a_mixture_of_real_shards(tmp_path: Path) -> None:
     from pipeline.data.shards import write_shards
     from pipeline.data.stream import check_inputs
     from pipeline.data.stream.shard_set import resolve_split
+    from pipeline.lineage import _dataset
 
     for name, classes in (("a", ["cat", "dog"]), ("b", ["dog", "kitten"])):
         write_shards(str(_image_folder(tmp_path / f"{name}-images", classes, 6)), str(tmp_path / name),
@@ -177,5 +179,7 @@ def test_resolve_a_mixture_of_real_shards(tmp_path: Path) -> None:
     other = resolve_split(data.model_copy(update={"epoch_samples": 12}), "train")
     assert other.fingerprint != shards.fingerprint  # another mixture: a stored position does not apply
     assert set(check_inputs(data)) == {"train", "val"}
+    logged = _dataset(shards)  # the stage's MLflow dataset
+    assert logged.name == "a+b" and json.loads(logged.profile)["sources"] == {"a": 2, "b": 6}
     with pytest.raises(ValueError, match="differ from the mixture's label set"):
         check_inputs(data.model_copy(update={"classes": ["dog", "cat"]}))
