@@ -222,7 +222,7 @@ def _plan_previous(shard_set: _PreviousShardSet, epoch: int) -> dict[str, Any]:
 
 def _plan_ours(shard_set: Any, epoch: int) -> dict[str, Any]:
     spec = TaskSpec(split="train", num_shards=shard_set.num_shards, padding_rows=0,
-                    num_classes=shard_set.num_classes, seed=_SEED, image=_IMAGE, data_cfg=DataConfig(),
+                    num_classes=shard_set.num_classes, label_maps=(), seed=_SEED, image=_IMAGE, data_cfg=DataConfig(),
                     erase_prob=0.25, rows_per_block=56, s3_cfg=None)
     info = {"split": "train", "dataset": shard_set.fingerprint, "seed": _SEED, "shard_samples": shard_set.samples,
             "total": shard_set.num_samples}
@@ -230,7 +230,7 @@ def _plan_ours(shard_set: Any, epoch: int) -> dict[str, Any]:
     per_task = _slots_per_task(shard_set.num_shards, shard_set.num_samples / shard_set.num_shards, _TASKS)
     task_starts = np.arange(0, shard_set.num_shards, per_task)  # task k reads order[task_starts[k]:][:per_task]
     plans = [ShardPlan(epoch=epoch, shard=int(k), url=shard_set.url(k), name=shard_set.name(k),
-                       samples=int(shard_set.samples[k]), consumed=None) for k in order[:per_task]]
+                       samples=int(shard_set.samples[k]), source=0, consumed=None) for k in order[:per_task]]
     task_spec = pickle.dumps(spec)
     actor_args = pickle.dumps((info, shard_set))
     return {"task_bytes": len(task_spec) + sum(len(pickle.dumps(p)) for p in plans), "actor_bytes": len(actor_args),

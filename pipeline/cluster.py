@@ -341,8 +341,7 @@ def check_shared_storage(recipe: Recipe, *, nodes: int | None = None) -> None:
     paths = {"storage_path": [recipe.storage_path]}
     for stage in recipe.stages:
         for split in ("train", "val"):
-            value = getattr(stage.data, split)
-            paths[f"stages.{stage.name}.data.{split}"] = [value] if isinstance(value, str) else list(value or [])
+            paths[f"stages.{stage.name}.data.{split}"] = stage.data.spec_paths(split)
         if stage.init_from and stage.init_from not in {s.name for s in recipe.stages}:
             paths[f"stages.{stage.name}.init_from"] = [stage.init_from]
     problems = [f"{key}: {value!r} is a folder of this node" for key, values in paths.items()

@@ -4,12 +4,16 @@ A recipe mirrors this module's class tree. It is validated once, at load; code b
 these objects. Unknown keys and bad values raise :class:`RecipeError` naming the dotted key, what was given and
 what is allowed. ``--set a.b=c`` overrides are applied to the raw YAML before validation, so they obey the same
 rules (``stages.<index or kind>.optim.lr=1e-4``).
+
+The module is over 600 lines because the schema is one tree whose every field carries its documentation (the
+recipe reference is generated from it): splitting it would split the reference, not a concern.
 """
 
 from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,6 +32,7 @@ __all__ = [
     "S3_SECRETS",
     "S3Config",
     "ScalingConfig",
+    "SourceConfig",
     "StageConfig",
     "TrackingConfig",
     "apply_overrides",
@@ -46,6 +51,13 @@ def _absolute(path: str) -> Path:
     """A local path made absolute against the working directory of whoever validates the recipe first — the
     driver: Ray Train workers run in folders of Ray's, where relative paths would point elsewhere."""
     return Path(path).expanduser().absolute()
+
+
+def _safe_name(what: str, name: str) -> str:
+    """``name``, checked to be usable in folder names and metric keys."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"{what} {name!r} may only hold letters, digits, '_', '.', '-'")
+    return name
 
 
 class _Section(BaseModel):
@@ -181,9 +193,36 @@ class ScalingConfig(_Section):
         raise ValueError("must be a number of CPUs > 0 or 'all'")
 
 
+class SourceConfig(_Section):
+    name: str
+    """Source name (unique in the stage): the metric ``data/source/<name>/samples`` counts its training samples."""
+    shards: str | list[str]
+    """Its shards, in the forms of a single-source ``data.train``."""
+    weight: float = Field(default=1.0, gt=0)
+    """Its share of each epoch's samples, relative to the other sources' weights."""
+    classes: dict[str, str] = Field(default_factory=dict)
+    """Renames of its classes into the stage's label set (manifest class name → stage class name); a class not
+    named keeps its manifest name. Samples are labelled by the stage's class of that name."""
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return _safe_name("source name", name)
+
+
 class DataConfig(_Section):
-    train: str | list[str] | None = None
-    """Training shards: a manifest (``.../manifest.json``), a folder or ``s3://`` prefix holding one, or a shard list."""
+    train: str | list[str] | list[SourceConfig] | None = None
+    """Training shards: a manifest (``.../manifest.json``), a folder or ``s3://`` prefix holding one, or a shard list;
+    or a weighted mixture: a list of sources (``{name, shards, weight, classes}``), each epoch
+    ``epoch_samples`` samples drawn from them by weight (in whole shards, seeded by ``(seed, epoch)``)."""
+    epoch_samples: int | None = Field(default=None, ge=1)
+    """Mixtures: samples of one (virtual) epoch; default: the sources' samples added up."""
+    replacement: bool = False
+    """Mixtures: a source whose share of an epoch exceeds its size is read again (every shard once before any
+    twice); false: every sample at most once per epoch, and such a share is an error naming the source."""
+    classes: list[str] | None = None
+    """Mixtures: the stage's label set (class names, index = label); default: the sources' (renamed) classes in
+    order of first appearance. ``data.val`` must hold the same classes."""
     val: str | list[str] | None = None
     """Validation/eval shards, same forms as ``train``."""
     image_size: int | None = Field(default=None, ge=16, le=2048)
@@ -216,6 +255,52 @@ class DataConfig(_Section):
     """Keep the seeded order end to end (Ray Data ``preserve_order``): each rank's batches are then a function of
     (seed, epoch, number of workers). False lets decoded blocks flow in completion order instead."""
 
+    @field_validator("train", mode="before")
+    @classmethod
+    def _spec_or_sources(cls, value: Any) -> Any:
+        # a list of mappings is a mixture: validated as such here, so that a bad source's errors name its key alone
+        # (the union would report every member's error)
+        if not isinstance(value, list) or not any(isinstance(item, Mapping) for item in value):
+            return value
+        if not all(isinstance(item, Mapping) for item in value):
+            raise ValueError("a list of sources (mappings) and shard paths mixed; give one or the other")
+        sources = []
+        for i, item in enumerate(value):
+            try:
+                sources.append(SourceConfig.model_validate(item))
+            except ValidationError as err:
+                raise ValueError(f"source {i}: " + "; ".join(
+                    f"{'.'.join(map(str, e['loc'])) or '<source>'}: "
+                    f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}" for e in err.errors())) from None
+        return sources
+
+    @property
+    def sources(self) -> list[SourceConfig]:
+        """The mixture's sources (empty for a single-source ``train``)."""
+        train = self.train
+        return train if isinstance(train, list) and train and isinstance(train[0], SourceConfig) else []  # type: ignore[return-value]
+
+    def spec_paths(self, split: Literal["train", "val"]) -> list[str]:
+        """Every shard path or URL that ``train`` or ``val`` names (a mixture's: every source's)."""
+        value = getattr(self, split)
+        items = [value] if isinstance(value, (str, SourceConfig)) else list(value or [])
+        shards = [item.shards if isinstance(item, SourceConfig) else item for item in items]
+        return [path for spec in shards for path in ([spec] if isinstance(spec, str) else spec)]
+
+    @model_validator(mode="after")
+    def _mixture_keys(self) -> DataConfig:
+        names = [source.name for source in self.sources]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"train: duplicate source name(s) {duplicates}")
+        if not self.sources:
+            misplaced = [key for key, unset in (("epoch_samples", None), ("replacement", False), ("classes", None))
+                         if getattr(self, key) != unset]
+            if misplaced:
+                raise ValueError(f"{', '.join(misplaced)}: apply to a mixture only (train as a list of sources)")
+        if self.classes is not None and (not self.classes or len(set(self.classes)) != len(self.classes)):
+            raise ValueError(f"classes must be unique class names, got {self.classes}")
+        return self
 
     @field_validator("crop_scale")
     @classmethod
@@ -394,8 +479,7 @@ class StageConfig(_Section):
     def _defaults_and_checks(self) -> StageConfig:
         if self.name is None:
             self.name = self.kind
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
-            raise ValueError(f"stage name {self.name!r} may only hold letters, digits, '_', '.', '-'")
+        _safe_name("stage name", self.name)
         if self.kind in ("pretrain", "finetune") and self.data.train is None:
             raise ValueError(f"a {self.kind} stage needs data.train")
         if self.kind == "eval" and self.data.val is None:
@@ -427,9 +511,7 @@ class Recipe(_Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, name: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise ValueError(f"name {name!r} may only hold letters, digits, '_', '.', '-'")
-        return name
+        return _safe_name("name", name)
 
     @model_validator(mode="after")
     def _stage_graph(self) -> Recipe:

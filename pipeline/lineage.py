@@ -1,7 +1,8 @@
 """MLflow 3's own objects for a pipeline's stages, beyond runs and metrics (driver side):
 
 * the **datasets** a stage read, as run inputs (the runs table's Dataset column): one per split, named after the
-  shards' folder, digest = the shards' fingerprint (names, sizes and sha256 of every shard, from the manifests),
+  shards' folder (a mixture: after its sources, ``upright+rotated``, with each one's shards per epoch in the
+  profile), digest = the shards' fingerprint (names, sizes and sha256 of every shard, from the manifests),
   source = the folder or ``s3://`` prefix, profile = samples, classes and shards; input tags: context
   ``training``, ``validation`` or (eval stages) ``evaluation``, and ``revcol.split`` (``train``, ``val``);
 * each **exported checkpoint** as an external LoggedModel: an output of its run at its step (the Models column),
@@ -51,8 +52,11 @@ def _dataset(shards: ShardSet) -> Any:
     source = {"uri": folders[0], **({"uris": folders} if len(folders) > 1 else {})}
     profile = {"num_samples": shards.num_samples, "num_classes": shards.num_classes,
                "num_shards": shards.num_shards, "classes": list(shards.classes)}
+    if shards.mixture is not None:  # what one epoch reads
+        profile.update(num_shards=shards.num_slots, sources=dict(zip(shards.sources, shards.mixture.draws, strict=True)))
+    name = "+".join(shards.sources) if shards.sources else folders[0].rstrip("/").rsplit("/", 1)[-1]
     return Dataset(
-        name=folders[0].rstrip("/").rsplit("/", 1)[-1], digest=shards.fingerprint,
+        name=name, digest=shards.fingerprint,
         source_type="s3" if storage.is_s3_url(folders[0]) else "local", source=json.dumps(source),
         schema=json.dumps(_SCHEMA), profile=json.dumps(profile),
     )

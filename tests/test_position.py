@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from pipeline.data.stream.position import StreamPosition, shard_order
+from pipeline.data.stream.mixture import MixtureOrder
+from pipeline.data.stream.position import StreamPosition, epoch_order, shard_order
 
 # Written by the previous StreamPosition (version 1, a bitmap per touched shard) for shards of 5, 7, 3, 9, 4, 12
 # samples: shards 1 and 4 consumed whole, shard 3 samples 0, 4, 8 and shard 5 samples 2, 11.
@@ -29,19 +30,26 @@ def _consumed_set(position: StreamPosition, sizes: list[int]) -> set[tuple[int, 
 
 
 class _Stream:
-    """What the decode tasks and an equal split do, in miniature: slots in the epoch's shard order, each shard's
-    samples not yet consumed in a seeded order, blocks of ``block`` rows dealt to the ranks in turn."""
+    """What the decode tasks and an equal split do, in miniature: slots in the epoch's shard order (a mixture's:
+    the shards it draws), each shard's samples not yet consumed in a seeded order, blocks of ``block`` rows dealt
+    to the ranks in turn."""
 
-    def __init__(self, sizes: list[int], *, seed: int = 5, epoch: int = 0, block: int = 3) -> None:
-        self.sizes, self.seed, self.epoch, self.block = sizes, seed, epoch, block
+    def __init__(self, sizes: list[int], *, seed: int = 5, epoch: int = 0, block: int = 3,
+                 mixture: MixtureOrder | None = None) -> None:
+        self.sizes, self.seed, self.epoch, self.block, self.mixture = sizes, seed, epoch, block, mixture
 
     def bind(self, position: StreamPosition) -> StreamPosition:
-        position.bind(dataset="ds", seed=self.seed, shard_samples=self.sizes, epoch=self.epoch)
+        position.bind(dataset="ds", seed=self.seed, shard_samples=self.sizes, epoch=self.epoch, mixture=self.mixture)
         return position
+
+    def read_shards(self) -> list[int]:
+        """The shards the epoch reads, in order."""
+        slots = len(self.sizes) if self.mixture is None else self.mixture.num_slots
+        return epoch_order(self.seed, self.epoch, len(self.sizes), self.mixture)[:slots].tolist()
 
     def blocks(self, start: StreamPosition) -> list[dict[str, Any]]:
         out = []
-        for shard in shard_order(self.seed, self.epoch, len(self.sizes)).tolist():
+        for shard in self.read_shards():
             todo = [i for i in np.random.default_rng(shard).permutation(self.sizes[shard]).tolist()
                     if not start.is_consumed(shard, i)]
             for k in range(0, len(todo), self.block):
@@ -89,12 +97,21 @@ def test_state_checks() -> None:
     assert position.mark({"shard": np.array([], dtype=np.int64), "index": np.array([], dtype=np.int64)}) == 0
 
 
-@pytest.mark.parametrize(("ranks", "resume_ranks"), [(2, 3), (4, 1), (3, 3)])
-def test_merge_and_resume_on_another_worker_count(ranks: int, resume_ranks: int) -> None:
+_MIXTURE = MixtureOrder(sizes=(25, 5), draws=(12, 9), copies=(1, 2))
+"""Two sources: 12 of 25 shards drawn, and a small one read almost twice (its 5 shards listed twice)."""
+
+
+@pytest.mark.parametrize(("ranks", "resume_ranks", "mixture"), [
+    (2, 3, None), (4, 1, None), (3, 3, None), pytest.param(2, 3, _MIXTURE, id="mixture-2-3"),
+    pytest.param(3, 1, _MIXTURE, id="mixture-3-1"),
+])
+def test_merge_and_resume_on_another_worker_count(ranks: int, resume_ranks: int, mixture: MixtureOrder | None) -> None:
     sizes = [int(n) for n in np.random.default_rng(1).integers(1, 12, size=40)]
-    stream = _Stream(sizes)
-    everything = {(s, i) for s, n in enumerate(sizes) for i in range(n)}
-    crashed = stream.run(stream.bind(StreamPosition()), ranks, stop_after=50)
+    if mixture is not None:  # every copy of a source's shard has that shard's size
+        sizes = sizes[:25] + sizes[25:30] * 2
+    stream = _Stream(sizes, mixture=mixture)
+    everything = {(s, i) for s in stream.read_shards() for i in range(sizes[s])}
+    crashed = stream.run(stream.bind(StreamPosition()), ranks, stop_after=50 if mixture is None else 20)
     checkpoint = json.loads(json.dumps(StreamPosition.merged([p.state_dict() for p in crashed]).state_dict()))
     before = set().union(*(_consumed_set(p, sizes) for p in crashed))
     resumed_from = StreamPosition.from_state_dict(checkpoint)
@@ -106,7 +123,9 @@ def test_merge_and_resume_on_another_worker_count(ranks: int, resume_ranks: int)
     assert sum(len(a) for a in after) == len(set().union(*after)), "a sample reached two ranks"
     final = StreamPosition.merged([p.state_dict() for p in resumed])
     assert _consumed_set(final, sizes) == everything and final.num_consumed == len(everything)
-    assert final.state_dict()["done"] == {"ranges": f"0:{len(sizes)}"} and not final.state_dict()["partial"]
+    slots = len(sizes) if mixture is None else mixture.num_slots
+    assert final.state_dict()["done"] == {"ranges": f"0:{slots}"} and not final.state_dict()["partial"]
+    assert ("mixture" in checkpoint) == (mixture is not None)
     exact = StreamPosition.merged(resumed)  # positions that know the shard sizes recount exactly
     assert exact.num_consumed == len(everything)
 

@@ -380,6 +380,47 @@ def test_resume_no_sample_lost(ray_cluster: Path, local_shards: tuple[Path, dict
         assert resumed[0]["batches"] == resumed[1]["batches"]
 
 
+def test_mixture_stream_draws_maps_labels_and_resumes(ray_cluster: Path, local_shards: tuple[Path, dict[str, Any]],
+                                                      tmp_path: Path) -> None:
+    """A mixture of the digits (2 of their shards an epoch) and a 20-image folder read 4 times over (replacement):
+    every row of the epoch's draw once, labels through the renames, the rows' sources; a pass stopped after a
+    checkpoint resumes on a rebuilt dataset from the position alone (which carries the mixture)."""
+    from pipeline.data.stream import MixtureOrder, resolve_split
+    from pipeline.data.stream.position import epoch_order
+
+    dest, _ = local_shards
+    for k, name in enumerate(("x", "y")):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (12, 12), (200 * k, 20 * i, 90)).save(tmp_path / "images" / name / f"{i}.png")
+    write_shards(str(tmp_path / "images"), str(tmp_path / "other"), shard_size=5, progress=False)
+    sources = [{"name": "digits", "shards": str(dest), "weight": 1},
+               {"name": "other", "shards": str(tmp_path / "other"), "weight": 1, "classes": {"x": "3", "y": "7"}}]
+    cfg = _cfg(sources, epoch_samples=160, replacement=True, shuffle_buffer=0)
+    shards = resolve_split(cfg, "train")
+    assert shards.mixture == MixtureOrder(sizes=(9, 4), draws=(2, 16), copies=(1, 4))
+    read = epoch_order(cfg.seed, 0, shards.num_shards, shards.mixture)[: shards.num_slots]
+    drawn = {(int(s), i) for s in read for i in range(int(shards.samples[s]))}
+
+    position = StreamPosition()
+    batches = list(iter_train_batches(build_train_dataset(cfg, model_name=MODEL, data_cpus=2), batch_size=16,
+                                      position=position, drop_last=False))
+    keys = [k for b in batches for k in _keys(b)]
+    assert len(keys) == len(set(keys)) and set(keys) == drawn
+    sources_of = torch.cat([b["source"] for b in batches])
+    labels = torch.cat([b["label"] for b in batches])
+    assert torch.bincount(sources_of).tolist() == [int(shards.samples[read[read < 9]].sum()), 80]
+    assert set(labels[sources_of == 1].tolist()) == {3, 7} and set(labels[sources_of == 0].tolist()) <= set(range(10))
+
+    first = _consume(build_train_dataset(cfg, model_name=MODEL, data_cpus=2), StreamPosition(), checkpoint_after=3,
+                     stop_after=5, drop_last=False)
+    assert first["state"]["mixture"] == shards.mixture.state() and len(json.dumps(first["state"])) < 1000
+    resumed = _consume(build_train_dataset(cfg, model_name=MODEL, data_cpus=2, position=first["state"]),
+                       StreamPosition.from_state_dict(first["state"]), drop_last=False)
+    assert set(first["keys"][: 3 * 16]) | set(resumed["keys"]) == drawn
+    assert not set(first["keys"][: 3 * 16]) & set(resumed["keys"])
+
+
 def test_version1_corpus_streams_the_same(ray_cluster: Path, local_shards: tuple[Path, dict[str, Any]],
                                           tmp_path: Path, as_version1: Any) -> None:
     """A corpus whose manifest lists its shards inline (version 1) is the same dataset as its version-2 form: the

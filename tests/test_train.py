@@ -7,6 +7,7 @@ import json
 import re
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from mlflow.tracking import MlflowClient
 
 import revcol
 from pipeline.config import DataConfig, parse_recipe
+from pipeline.data.stream.position import epoch_order
+from pipeline.data.stream.shard_set import resolve_split
 from pipeline.services import MLflowServer
 from pipeline.tracking import start_run
 from pipeline.train.launch import fit_stage, run_name
@@ -72,7 +75,7 @@ def _fit(recipe, digits, **kwargs):
     stage = recipe.stages[0]
     kwargs.setdefault("log_every", 5)
     return fit_stage(recipe, stage, datasets=digits["datasets"](stage.data),
-                     train_samples=digits["train_samples"], num_classes=10, **kwargs)
+                     train_samples=resolve_split(stage.data, "train").num_samples, num_classes=10, **kwargs)
 
 
 def _s3_objects(s3_server, bucket, prefix=""):
@@ -310,22 +313,19 @@ def _train_worker_pids() -> list[int]:
     return found
 
 
-def test_sigkill_of_a_worker_resumes_without_losing_samples(digits, tmp_path):
+def _kill_a_worker_after(trace: Path, rows: int) -> tuple[threading.Thread, dict[str, int]]:
+    """A started thread that SIGKILLs one Ray Train worker once the audit trail holds ``rows`` trained samples;
+    the dict gets the killed ``pid``."""
     import os
     import signal
-    from collections import Counter
 
-    trace = tmp_path / "trace"
-    recipe = _recipe(digits, str(tmp_path / "runs"), name="killed", data={"trace_dir": str(trace)},
-                     optim={"epochs": 1}, checkpoint={"interval_steps": 5})
-    recipe = recipe.model_copy(update={"scaling": recipe.scaling.model_copy(update={"max_failures": 1})})
-    killed = {}
+    killed: dict[str, int] = {}
 
-    def kill_mid_epoch():
+    def kill() -> None:
         deadline = time.time() + 300
         while time.time() < deadline:
             lines = sum(len(p.read_text().splitlines()) for p in trace.glob("*.txt")) if trace.exists() else 0
-            if lines >= 2 * 32 * 8:  # both ranks past step 8: one checkpoint (step 5) behind
+            if lines >= rows:
                 pids = _train_worker_pids()
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
@@ -333,21 +333,94 @@ def test_sigkill_of_a_worker_resumes_without_losing_samples(digits, tmp_path):
                     return
             time.sleep(0.2)
 
-    killer = threading.Thread(target=kill_mid_epoch)
+    killer = threading.Thread(target=kill)
     killer.start()
+    return killer, killed
+
+
+def _trained(trace: Path) -> Counter[tuple[int, int, int]]:
+    """How often each ``(epoch, shard, index)`` was trained on, from the audit trail of every worker process."""
+    return Counter(tuple(map(int, line.split())) for f in trace.glob("*.txt") for line in f.read_text().splitlines())
+
+
+def _assert_resumed_without_loss(seen: Counter[tuple[int, int, int]], *, trained: int, interval: int) -> None:
+    """Epoch 0 of a 2-worker, batch-32 run killed once: ``trained`` distinct samples of it were trained (the
+    resumed pass trains every sample the checkpoint had not), and at most one checkpoint interval (+ batches in
+    flight) twice."""
+    epoch0 = {(shard, index) for (epoch, shard, index) in seen if epoch == 0}
+    assert len(epoch0) >= trained
+    repeats = sum(n - 1 for n in seen.values())
+    assert 0 < repeats <= interval * 2 * 32 + 2 * 2 * 32
+
+
+def test_sigkill_of_a_worker_resumes_without_losing_samples(digits, tmp_path):
+    trace = tmp_path / "trace"
+    recipe = _recipe(digits, str(tmp_path / "runs"), name="killed", data={"trace_dir": str(trace)},
+                     optim={"epochs": 1}, checkpoint={"interval_steps": 5})
+    recipe = recipe.model_copy(update={"scaling": recipe.scaling.model_copy(update={"max_failures": 1})})
+    killer, killed = _kill_a_worker_after(trace, rows=2 * 32 * 8)  # both ranks past step 8: a checkpoint behind
     result = _fit(recipe, digits)
     killer.join()
     assert "pid" in killed, "the worker was never killed"
     assert result.error is None and result.metrics["step"] == digits["train_samples"] // (2 * 32)
-
-    files = list(trace.glob("*.txt"))
-    assert len(files) >= 3  # two workers, then at least one restarted one
-    seen = Counter(tuple(map(int, line.split())) for f in files for line in f.read_text().splitlines())
-    epoch0 = {(shard, index) for (epoch, shard, index) in seen if epoch == 0}
+    assert len(list(trace.glob("*.txt"))) >= 3  # two workers, then at least one restarted one
     trained = digits["train_samples"] // (2 * 32) * 2 * 32  # equal split, full batches
-    assert len(epoch0) >= trained  # no sample lost: the resumed pass trains every sample the checkpoint had not
-    repeats = sum(n - 1 for n in seen.values())
-    assert 0 < repeats <= 5 * 2 * 32 + 2 * 2 * 32  # one checkpoint interval (+ batches in flight)
+    _assert_resumed_without_loss(_trained(trace), trained=trained, interval=5)
+
+
+@pytest.fixture(scope="module")
+def rotated_digits(digits, tmp_path_factory):
+    """A second source: 200 digits turned a quarter, as an image folder whose classes are named ``r0`` … ``r9``
+    (so the mixture renames them), written as 2 shards of 100."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from pipeline.data.shards import write_shards
+
+    root = tmp_path_factory.mktemp("rotated")
+    bunch = load_digits()
+    for k, (pixels, label) in enumerate(zip(bunch.images[:200], bunch.target[:200], strict=True)):
+        folder = root / "images" / f"r{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((pixels[::-1].T * 255 / 16).astype("uint8")).convert("RGB").save(folder / f"{k}.png")
+    write_shards(str(root / "images"), str(root / "shards"), shard_size=100, progress=False)
+    return str(root / "shards")
+
+
+def test_mixture_trains_counts_its_sources_and_resumes_after_sigkill(digits, rotated_digits, tmp_path):
+    """A stage on a mixture of 600 upright digits (weight 0.7: every one of its 3 shards an epoch) and 200 rotated
+    ones (0.3: 3 draws of its 2 shards, so with replacement) trains, logs per-source sample counts that add up to
+    ``train/samples`` and follow the epoch's draw, and a worker SIGKILLed mid-epoch resumes without losing a
+    sample of it."""
+    trace = tmp_path / "trace"
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    upright = [f"{digits['data']['train']}/shard-{k:06d}.tar" for k in range(3)]
+    sources = [{"name": "upright", "shards": upright, "weight": 0.7},
+               {"name": "rotated", "shards": rotated_digits, "weight": 0.3,
+                "classes": {f"r{k}": str(k) for k in range(10)}}]
+    recipe = _recipe(digits, str(tmp_path / "runs"), name="mixture", optim={"epochs": 1},
+                     data={"train": sources, "epoch_samples": 857, "replacement": True, "trace_dir": str(trace)},
+                     checkpoint={"interval_steps": 5})
+    recipe = recipe.model_copy(update={"scaling": recipe.scaling.model_copy(update={"max_failures": 1})})
+    shards = resolve_split(recipe.stages[0].data, "train")
+    assert shards.mixture.draws == (3, 3) and shards.mixture.copies == (1, 2) and shards.num_samples == 900
+    assert shards.classes == tuple(str(k) for k in range(10))
+    run_id = start_run(tracking, "mixture", run_name="pretrain")
+    killer, killed = _kill_a_worker_after(trace, rows=2 * 32 * 8)  # both ranks past step 8: a checkpoint behind
+    result = _fit(recipe, digits, run_id=run_id, tracking_uri=tracking)
+    killer.join()
+    assert "pid" in killed, "the worker was never killed"
+    assert result.error is None and result.metrics["step"] == 900 // 64
+    assert result.metrics["val/top1"] > 0.2  # it learns the upright test split (chance: 0.1)
+
+    seen = _trained(trace)
+    _assert_resumed_without_loss(seen, trained=900 // 64 * 64, interval=5)
+    read = epoch_order(0, 0, shards.num_shards, shards.mixture)[: shards.num_slots]
+    assert {shard for (_, shard, _) in seen} <= set(read.tolist())  # the epoch's draw, copies as shards of their own
+    metrics = MlflowClient(tracking).get_run(run_id).data.metrics  # the latest values: the last step's
+    counts = {name: metrics[f"data/source/{name}/samples"] for name in ("upright", "rotated")}
+    assert sum(counts.values()) == metrics["train/samples"] == 900 // 64 * 64
+    assert counts["upright"] <= 600 and counts["rotated"] <= 300  # the draw, less the 4 rows of the split's drop
 
 
 GOLDEN = Path(__file__).parent / "golden" / "train_loss.json"

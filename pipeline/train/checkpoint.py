@@ -59,6 +59,8 @@ class TrainerState:
     """Highest ``val/top1`` of a checkpoint so far (that checkpoint is kept as the run's ``best_step<N>``)."""
     stream: dict[str, Any] = field(default_factory=dict)
     """The data stream's resumable position."""
+    source_samples: dict[str, int] = field(default_factory=dict)
+    """A mixture's training samples per source (global), as ``train/samples`` counts them."""
 
 
 def _rng_state() -> dict[str, Any]:

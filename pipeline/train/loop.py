@@ -146,6 +146,30 @@ def _merged_position(position: StreamPosition) -> dict[str, Any]:
     return position.merge(states).state_dict()
 
 
+class _SourceSamples:
+    """A mixture's training samples per source (``data/source/<name>/samples``): each rank counts the rows it
+    trains on, and :meth:`sync` (a collective: every rank calls it at the same step) adds all ranks' counts to the
+    trainer state, so that a resumed run continues them from its checkpoint as it does ``train/samples``."""
+
+    def __init__(self, names: list[str], state: TrainerState, device: Any) -> None:
+        self.names, self.state = names, state
+        self.pending = torch.zeros(len(names), dtype=torch.int64, device=device)
+
+    def add(self, sources: torch.Tensor) -> None:
+        self.pending += torch.bincount(sources.to(self.pending.device), minlength=len(self.names))
+
+    def sync(self) -> dict[str, float]:
+        """Folds every rank's counts into the state; returns the metrics."""
+        import torch.distributed as dist
+
+        dist.all_reduce(self.pending)
+        totals = self.state.source_samples
+        for name, count in zip(self.names, self.pending.tolist(), strict=True):
+            totals[name] = totals.get(name, 0) + int(count)
+        self.pending.zero_()
+        return {f"data/source/{name}/samples": float(totals[name]) for name in self.names}
+
+
 def train_func(config: dict[str, Any]) -> None:
     """The per-worker training loop of one stage (Ray Train ``train_loop_per_worker``)."""
     import ray.train
@@ -214,6 +238,8 @@ def train_func(config: dict[str, Any]) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="revcol-fallback-"))
     tracker = _tracker(job, rank, scratch)
     system_monitor = _system_metrics(job, recipe, ctx)
+    names = [source.name for source in stage.data.sources]
+    source_samples = _SourceSamples(names, state, engine.device) if names else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if stage.data.val is not None else None
     interval = stage.checkpoint.interval_steps
@@ -222,6 +248,8 @@ def train_func(config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, float], *, export: bool = False) -> None:
         state.stream = _merged_position(position)
+        if source_samples is not None:
+            source_samples.sync()
         state.epoch = position.epoch or 0
         top1 = metrics.get("val/top1")  # the same on every rank (all-reduced)
         new_best = top1 is not None and (state.best_top1 is None or top1 > state.best_top1)
@@ -241,12 +269,15 @@ def train_func(config: dict[str, Any]) -> None:
     done = state.step >= total_steps
     window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "samples": 0}
     while not done:
+        state.epoch = position.epoch or 0  # the pass in training (the progress line shows it), not the last report's
         t_wait = time.perf_counter()
         for batch in iter_train_batches(train_shard, batch_size=micro, position=position, device=engine.device):
             t_got = time.perf_counter()
             if trace is not None:
                 trace.writelines(f"{batch['epoch']} {s} {i}\n" for s, i in zip(batch["shard"].tolist(), batch["index"].tolist()))
                 trace.flush()
+            if source_samples is not None:
+                source_samples.add(batch["source"])
             images, labels = batch["image"], batch["label"].long()
             targets = labels
             if mixup is not None:
@@ -267,7 +298,8 @@ def train_func(config: dict[str, Any]) -> None:
                     ema.update()
                 if state.step % job.log_every == 0 or state.step == total_steps:
                     _log_progress(job, stage, state, total_steps, engine, optimizer, tracker, window, rank, world,
-                                  skipped=skipped_counts(train_shard)["total"], rss=proc.memory_info().rss)
+                                  skipped=skipped_counts(train_shard)["total"], rss=proc.memory_info().rss,
+                                  extra=source_samples.sync() if source_samples is not None else {})
                     window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "samples": 0}
                 if state.step >= total_steps:
                     done = True
@@ -328,8 +360,10 @@ def _open_trace(folder: str | None, rank: int) -> Any:
 def _log_progress(
     job: StageJob, stage: StageConfig, state: TrainerState, total_steps: int, engine: Any, optimizer: Any,
     tracker: Any, window: dict[str, float], rank: int, world: int, *, skipped: int, rss: int,
+    extra: dict[str, float],
 ) -> None:
-    """Metrics of the last logging window to the tracker (rank 0) and a progress line to the job log."""
+    """Metrics of the last logging window (and ``extra`` ones) to the tracker (rank 0) and a progress line to the
+    job log."""
     grad_norm = engine.get_global_grad_norm()
     metrics = {
         "train/loss": float(window["loss"]) / max(window["n"], 1),
@@ -341,6 +375,7 @@ def _log_progress(
         # the x axes of `revcol compare --x samples|epochs`: steps differ between runs of other batch sizes
         "train/samples": float(state.samples),
         "train/epoch": state.samples / max(job.train_samples, 1),
+        **extra,
     }
     if grad_norm is not None:
         metrics["train/grad_norm"] = float(grad_norm)

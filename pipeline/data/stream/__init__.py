@@ -1,7 +1,8 @@
 """The streaming input: WebDataset shards → Ray Data decode/augment tasks → Ray Train workers.
 
 One module per stage of the stream: ``shard_set`` (resolve a data spec through its manifests; the preflight
-check), ``position`` (what has been consumed), ``control`` (the stream's control actor), ``decode`` (the decode
+check), ``mixture`` (a weighted mixture of sources: which shards each epoch draws), ``position`` (what has been
+consumed), ``control`` (the stream's control actor), ``decode`` (the decode
 tasks; tar reading is :mod:`pipeline.data.tar`, shared with the shard verifier), ``datasets`` (the Ray Data
 builders, driver side), ``batches`` (torch batches, worker side), ``skips`` (bad-input accounting).
 
@@ -70,6 +71,11 @@ small control actor owned by the dataset: :func:`iter_train_batches` publishes i
 the decode tasks read it when they start a shard, so a Ray Train worker-group restart resumes correctly without
 rebuilding the dataset.
 
+Mixtures: ``data.train`` as a list of weighted sources reads, per epoch, ``data.epoch_samples`` samples drawn from
+them in whole shards by weight (seeded by ``(seed, epoch)``; :mod:`pipeline.data.stream.mixture`), each source's
+labels mapped into the stage's label set by class name; rows carry their ``source``. The position's guarantees
+hold unchanged (a shard a source repeats within an epoch is a shard of its own).
+
 Bad input (truncated tar, undecodable image, missing or non-integer label, missing shard) is skipped and counted
 per kind (:func:`skipped_counts`), with one warning per kind. When the skipped samples of an epoch exceed
 ``DataConfig.max_skipped_frac`` of it, the stream stops with :class:`DataSkipError` naming the shards. Eval never
@@ -88,12 +94,14 @@ from __future__ import annotations
 from pipeline.data.stream.batches import iter_eval_batches, iter_train_batches
 from pipeline.data.stream.control import ShardPlan, skipped_counts
 from pipeline.data.stream.datasets import build_eval_dataset, build_train_dataset, train_data_config
+from pipeline.data.stream.mixture import MixtureOrder
 from pipeline.data.stream.position import StreamPosition
-from pipeline.data.stream.shard_set import ShardRef, ShardSet, check_inputs, resolve_shards
+from pipeline.data.stream.shard_set import ShardRef, ShardSet, check_inputs, resolve_shards, resolve_split
 from pipeline.data.stream.skips import DataSkipError
 
 __all__ = [
     "DataSkipError",
+    "MixtureOrder",
     "ShardPlan",
     "ShardRef",
     "ShardSet",
@@ -104,6 +112,7 @@ __all__ = [
     "iter_eval_batches",
     "iter_train_batches",
     "resolve_shards",
+    "resolve_split",
     "skipped_counts",
     "train_data_config",
 ]

@@ -120,7 +120,7 @@ def iter_train_batches(
 
     Yields:
         ``{"image": float32 (B, 3, S, S), "label": int64 (B,), "shard": int64 (B,), "index": int64 (B,),
-        "epoch": int}``.
+        "source": int64 (B,) (a mixture's source, in ``data.train`` order; 0 for one source), "epoch": int}``.
 
     Raises:
         DataSkipError: more input was skipped than ``data.max_skipped_frac`` allows.
@@ -136,7 +136,7 @@ def iter_train_batches(
     if info.get("kind") != "train":
         raise ValueError("iter_train_batches needs a stream from build_train_dataset (got an eval stream)")
     position.bind(dataset=info["dataset"], seed=info["seed"], shard_samples=info["shard_samples"],
-                  epoch=info["epoch"])
+                  epoch=info["epoch"], mixture=info["mixture"])
     epoch = int(position.epoch)  # type: ignore[arg-type]
     ray.get(control.begin_pass.remote(epoch, position.state_dict()))
     rank = _rank_of(source) if rank is None else rank
@@ -161,6 +161,7 @@ def iter_train_batches(
                 "label": _tensor(rows["label"]).to(dev, dtype=torch.int64),
                 "shard": _tensor(rows["shard"]).to(torch.int64),
                 "index": _tensor(rows["index"]).to(torch.int64),
+                "source": _tensor(rows["source"]).to(torch.int64),
                 "epoch": epoch,
             }
             position.mark(rows)

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.data.stream.position import StreamPosition, shard_order
+from pipeline.data.stream.position import StreamPosition, epoch_order
 from pipeline.data.stream.shard_set import ShardSet
 from pipeline.data.stream.skips import skip_budget
 
@@ -29,6 +29,7 @@ class ShardPlan:
         url: Where it is.
         name: Its file name (for messages).
         samples: Samples in it, per the manifest.
+        source: Its source in a mixture (the index of its label map); 0 for a single source.
         consumed: Its samples consumed in this epoch as ``np.packbits`` bytes; None when none is.
     """
 
@@ -37,6 +38,7 @@ class ShardPlan:
     url: str
     name: str
     samples: int
+    source: int
     consumed: bytes | None
 
 
@@ -77,12 +79,13 @@ class StreamControl:
 
     def plan(self, slot: int) -> ShardPlan:
         """The shard read in ``slot`` of the current pass (the epoch's shard order, or the stream's when unshuffled)."""
-        epoch, shard = self._epoch, int(slot)
+        epoch, shard, mixture = self._epoch, int(slot), self._shards.mixture
         if self._info["shuffle_shards"]:
-            shard = int(shard_order(self._info["seed"], epoch, self._shards.num_shards)[shard])
+            shard = int(epoch_order(self._info["seed"], epoch, self._shards.num_shards, mixture)[shard])
         samples = int(self._shards.samples[shard])
         return ShardPlan(epoch=epoch, shard=shard, url=self._shards.url(shard), name=self._shards.name(shard),
-                         samples=samples, consumed=self._consumed.packed_consumed(shard, samples))
+                         samples=samples, source=0 if mixture is None else int(mixture.source_of(shard)),
+                         consumed=self._consumed.packed_consumed(shard, samples))
 
     def report(self, epoch: int, shard_name: str, counts: dict[str, int], examples: dict[str, str]) -> str | None:
         """Adds a shard's skip counts; returns the error message when the epoch is over its budget."""

@@ -14,7 +14,7 @@ from pipeline.config import DataConfig, S3Config
 from pipeline.data.stream.control import CONTROL_KEY, StreamControl
 from pipeline.data.stream.decode import TaskSpec, eval_task, train_task
 from pipeline.data.stream.position import StreamPosition
-from pipeline.data.stream.shard_set import ShardSet, resolve_shards
+from pipeline.data.stream.shard_set import ShardSet, resolve_split
 from pipeline.data.transforms import ImageConfig, resolve_image_config
 
 __all__ = ["build_eval_dataset", "build_train_dataset", "train_data_config"]
@@ -43,7 +43,6 @@ def _task_resources(data_cpus: float) -> tuple[int, float]:
 def _build(
     *,
     split: str,
-    spec: str | list[str] | None,
     data_cfg: DataConfig,
     model_name: str | None,
     image_config: ImageConfig | None,
@@ -54,17 +53,16 @@ def _build(
 ) -> tuple[Any, ShardSet, ImageConfig, TaskSpec, Any]:
     import ray
 
-    if spec is None:
-        raise ValueError(f"data.{split} is not set")
     image = resolve_image_config(data_cfg, model_name=model_name, image_config=image_config)
-    shard_set = resolve_shards(spec, s3_cfg=s3_cfg)
+    shard_set = resolve_split(data_cfg, split, s3_cfg=s3_cfg)
     if not shard_set.num_shards:
-        raise ValueError(f"data.{split}: no shards in {spec!r}")
+        raise ValueError(f"data.{split}: no shards in {getattr(data_cfg, split)!r}")
     needs_s3 = any(storage.is_s3_url(folder) for folder in shard_set.folders)
     task_spec = TaskSpec(
         split=split,
         num_shards=shard_set.num_shards,
         num_classes=shard_set.num_classes,
+        label_maps=shard_set.label_maps,
         seed=data_cfg.seed,
         image=image,
         data_cfg=data_cfg,
@@ -77,6 +75,7 @@ def _build(
         "dataset": shard_set.fingerprint,
         "seed": data_cfg.seed,
         "shard_samples": shard_set.samples,
+        "mixture": shard_set.mixture,
         "total": shard_set.num_samples,
         "max_skipped_frac": data_cfg.max_skipped_frac,
         "mean": list(image.mean),
@@ -159,8 +158,8 @@ def build_train_dataset(
     ``epoch`` and ``position`` here only give the first pass's when the dataset is iterated directly.
 
     Rows: ``image`` uint8 ``(3, S, S)`` (cropped, flipped, RandAugmented), ``label`` int64, ``shard`` int32,
-    ``index`` int32, ``epoch`` int32, ``erase`` int16 ``(4,)`` (random-erasing box, applied by
-    :func:`iter_train_batches`).
+    ``index`` int32, ``epoch`` int32, ``source`` int16 (a mixture's source; 0 for one source), ``erase`` int16
+    ``(4,)`` (random-erasing box, applied by :func:`iter_train_batches`).
 
     Args:
         data_cfg: The stage's ``data`` section (shards, seed, augmentation, image size, skip threshold).
@@ -187,7 +186,7 @@ def build_train_dataset(
         start = position if isinstance(position, StreamPosition) else StreamPosition.from_state_dict(position)
     # The fingerprint is only known after resolving; bind and check below.
     control, shard_set, image, task_spec, info = _build(
-        split="train", spec=data_cfg.train, data_cfg=data_cfg, model_name=model_name, image_config=image_config,
+        split="train", data_cfg=data_cfg, model_name=model_name, image_config=image_config,
         s3_cfg=s3_cfg, data_cpus=data_cpus,
         extra_info={"shuffle_shards": True, "erase_prob": data_cfg.random_erasing,
                     "shuffle_buffer": data_cfg.shuffle_buffer, "kind": "train"},
@@ -196,14 +195,15 @@ def build_train_dataset(
     if position is not None:
         import ray
 
-        start.bind(dataset=shard_set.fingerprint, seed=data_cfg.seed, shard_samples=shard_set.samples, epoch=epoch)
+        start.bind(dataset=shard_set.fingerprint, seed=data_cfg.seed, shard_samples=shard_set.samples, epoch=epoch,
+                   mixture=shard_set.mixture)
         ray.get(control.begin_pass.remote(start.epoch, start.state_dict()))
     logger.info(
-        "train stream: %d shard(s), %d samples, %d px, %s decode task(s) x %.2f CPU",
-        shard_set.num_shards, shard_set.num_samples, image.size, *_task_resources(data_cpus),
+        "train stream: %d shard(s) an epoch, %d samples, %d px, %s decode task(s) x %.2f CPU",
+        shard_set.num_slots, shard_set.num_samples, image.size, *_task_resources(data_cpus),
     )
-    return _finish_dataset(shard_set.num_shards, train_task, task_spec, control,
-                           samples_per_shard=shard_set.num_samples / shard_set.num_shards, data_cpus=data_cpus,
+    return _finish_dataset(shard_set.num_slots, train_task, task_spec, control,
+                           samples_per_shard=shard_set.num_samples / shard_set.num_slots, data_cpus=data_cpus,
                            deterministic=data_cfg.deterministic, label_selector=label_selector)
 
 
@@ -248,7 +248,7 @@ def build_eval_dataset(
     if batch < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch}")
     control, shard_set, image, task_spec, info = _build(
-        split="val", spec=data_cfg.val, data_cfg=data_cfg, model_name=model_name, image_config=image_config,
+        split="val", data_cfg=data_cfg, model_name=model_name, image_config=image_config,
         s3_cfg=s3_cfg, data_cpus=data_cpus,
         extra_info={"shuffle_shards": False, "batch_size": batch, "kind": "eval"},
         epoch=0,

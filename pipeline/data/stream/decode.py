@@ -88,11 +88,15 @@ class TaskSpec:
 
     Eval streams: the slot numbered ``num_shards`` emits the padding rows (as many as the control actor's
     ``padding_rows()`` says for the pass's consumers).
+    ``label_maps`` (mixtures): per source (:attr:`ShardPlan.source`), its class index → the stage's label; empty:
+    labels as the shards store them (``num_classes`` of them), so a single source's spec does not grow with its
+    classes.
     """
 
     split: str
     num_shards: int
     num_classes: int
+    label_maps: tuple[np.ndarray, ...]
     seed: int
     image: ImageConfig
     data_cfg: DataConfig
@@ -139,6 +143,14 @@ def _finish_shard(control: Any, plan: ShardPlan, counts: Counter[str], examples:
         raise DataSkipError(fatal)
 
 
+def _stage_label(fields: dict[str, bytes], spec: TaskSpec, source: int) -> int:
+    """The sample's class in the stage's label set: its ``.cls`` index, through its source's label map if any."""
+    if not spec.label_maps:
+        return _parse_label(fields, spec.num_classes)
+    label_map = spec.label_maps[source]
+    return int(label_map[_parse_label(fields, label_map.size)])
+
+
 def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> Iterator[dict[str, np.ndarray]]:
     """Decode task of the train stream: one slot of the epoch's shard order per input row."""
     import ray
@@ -176,6 +188,7 @@ def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> It
                 "shard": ((), np.int32),
                 "index": ((), np.int32),
                 "epoch": ((), np.int32),
+                "source": ((), np.int16),
                 "erase": ((4,), np.int16),
             },
         )
@@ -190,7 +203,7 @@ def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> It
                 continue
             fields = samples[i]
             try:
-                label = _parse_label(fields, spec.num_classes)
+                label = _stage_label(fields, spec, plan.source)
                 image = _decode_image(fields)
             except Unavailable as err:
                 counts[err.kind] += 1
@@ -204,7 +217,8 @@ def train_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> It
                 examples.setdefault(SKIP_TRANSFORM, f"{plan.name}:{fields['__key__']}: {err!r}")
                 continue
             box = sample_erase_box(rng, size, size, prob=spec.erase_prob)
-            block = rows.add(image=pixels, label=label, shard=shard, index=i, epoch=epoch, erase=box)
+            block = rows.add(image=pixels, label=label, shard=shard, index=i, epoch=epoch, source=plan.source,
+                             erase=box)
             if block is not None:
                 yield block
         block = rows.flush()
@@ -254,7 +268,7 @@ def eval_task(batch: dict[str, np.ndarray], spec: TaskSpec, control: Any) -> Ite
             if i < len(samples):
                 fields = samples[i]
                 try:
-                    label = _parse_label(fields, spec.num_classes)
+                    label = _stage_label(fields, spec, plan.source)
                     image = _decode_image(fields)
                     try:
                         pixels = np.asarray(transform(image))

@@ -5,6 +5,9 @@ ranges of their places in the epoch's shard order (:func:`shard_order`), so a pa
 order is one range whatever the corpus size, and a pass consumed in any other order costs at most one bit per
 shard (the state picks whichever encoding is shorter); only shards consumed in part keep a bitmap of their
 samples. Shards with samples that were skipped (unreadable) stay partial until the epoch ends.
+
+A mixture's epoch reads part of its shard list in an order of its own (:class:`MixtureOrder`): its position
+carries that sampler (three numbers per source), and the slots are places in that order, with the same guarantees.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data.stream.mixture import MixtureOrder
 from pipeline.data.transforms import mix_seed
 
-__all__ = ["StreamPosition", "shard_order"]
+__all__ = ["StreamPosition", "epoch_order", "shard_order"]
 
 _POSITION_VERSION = 2
 _V1 = 1
@@ -39,6 +43,18 @@ def shard_order(seed: int, epoch: int, num_shards: int) -> np.ndarray:
         A permutation of ``range(num_shards)``.
     """
     return _order_and_slots(int(seed), int(epoch), int(num_shards))[0]
+
+
+def epoch_order(seed: int, epoch: int, num_shards: int, mixture: MixtureOrder | None) -> np.ndarray:
+    """The shards in the order an epoch reads them: :func:`shard_order`, or a mixture's (whose epoch reads only
+    its first ``mixture.num_slots``)."""
+    return _orders(int(seed), int(epoch), int(num_shards), mixture)[0]
+
+
+def _orders(seed: int, epoch: int, num_shards: int, mixture: MixtureOrder | None) -> tuple[np.ndarray, np.ndarray]:
+    if mixture is None:
+        return _order_and_slots(seed, epoch, num_shards)
+    return mixture.order_and_slots(seed, epoch)
 
 
 @functools.lru_cache(maxsize=4)
@@ -139,6 +155,7 @@ class StreamPosition:
         self.seed: int | None = None
         self.dataset: str | None = None
         self.num_shards: int | None = None
+        self.mixture: MixtureOrder | None = None
         self._sizes: np.ndarray | None = None  # samples per shard; a loaded state does not carry them
         self._done = _EMPTY  # slots (places in the epoch's order) of shards consumed to the last sample
         self._new_done: set[int] = set()  # done slots not folded into _done yet (folding sorts)
@@ -155,22 +172,25 @@ class StreamPosition:
         """Whether the position knows its dataset (after the first pass or a loaded state)."""
         return self.dataset is not None
 
-    def bind(self, *, dataset: str, seed: int, shard_samples: Sequence[int], epoch: int) -> None:
+    def bind(self, *, dataset: str, seed: int, shard_samples: Sequence[int], epoch: int,
+             mixture: MixtureOrder | None = None) -> None:
         """Attaches the position to a stream (done by :func:`iter_train_batches`).
 
         Args:
-            dataset: The stream's fingerprint (it covers the shard sizes).
+            dataset: The stream's fingerprint (it covers the shard sizes and a mixture's draws).
             seed: The stream's seed.
             shard_samples: Samples per shard.
             epoch: Epoch to use when the position has none.
+            mixture: The stream's sampler when it is a mixture.
 
         Raises:
             ValueError: the position belongs to another dataset or seed.
         """
         sizes = np.asarray(shard_samples, dtype=np.int64)
         if self.dataset is None:
-            self.dataset, self.seed, self.num_shards = dataset, int(seed), int(sizes.size)
-        elif self.dataset != dataset or self.num_shards != sizes.size or not self._fits(sizes):
+            self.dataset, self.seed, self.num_shards, self.mixture = dataset, int(seed), int(sizes.size), mixture
+        elif (self.dataset != dataset or self.num_shards != sizes.size or self.mixture != mixture
+              or not self._fits(sizes)):
             raise ValueError(
                 f"this position belongs to dataset {self.dataset} ({self.num_shards} shards), "
                 f"the stream reads dataset {dataset} ({sizes.size} shards); start from a fresh StreamPosition"
@@ -187,8 +207,11 @@ class StreamPosition:
         return all(bits.size == sizes[shard] for shard, bits in self._partial.items())
 
     def _slots(self) -> np.ndarray:
+        return self._orders()[1]
+
+    def _orders(self) -> tuple[np.ndarray, np.ndarray]:
         assert self.seed is not None and self.epoch is not None and self.num_shards is not None
-        return _order_and_slots(self.seed, self.epoch, self.num_shards)[1]
+        return _orders(self.seed, self.epoch, self.num_shards, self.mixture)
 
     def _is_done(self, shard: int) -> bool:
         slot = int(self._slots()[shard])
@@ -298,7 +321,7 @@ class StreamPosition:
         """Exact samples consumed, from the shard sizes (a merge of overlapping positions cannot add counts)."""
         assert self._sizes is not None
         self._fold()
-        in_order = np.r_[0, np.cumsum(self._sizes[shard_order(self.seed, self.epoch, self.num_shards)])]
+        in_order = np.r_[0, np.cumsum(self._sizes[self._orders()[0]])]
         done = int(np.sum(in_order[self._done[1::2]] - in_order[self._done[0::2]]))
         return done + sum(int(np.count_nonzero(b)) for b in self._partial.values())
 
@@ -318,7 +341,7 @@ class StreamPosition:
         Returns:
             ``{"version": 2, "epoch", "seed", "dataset", "num_shards", "consumed", "marked", "done": {"ranges":
             "a:b,..."} or {"bitmap": base64} (slots of the epoch's shard order), "partial": {shard: [samples,
-            base64 bitmap]}}``.
+            base64 bitmap]}}``, and a mixture's ``"mixture": {"sizes", "draws", "copies"}`` (per source).
         """
         self._fold()
         return {
@@ -331,6 +354,7 @@ class StreamPosition:
             "marked": self._marked,
             "done": _encode_done(self._done, self.num_shards or 0),
             "partial": {str(s): [int(b.size), _pack(b)] for s, b in sorted(self._partial.items())},
+            **({"mixture": self.mixture.state()} if self.mixture is not None else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -357,6 +381,10 @@ class StreamPosition:
             self._restore_v1(state)
             return
         self.num_shards = None if state.get("num_shards") is None else int(state["num_shards"])
+        self.mixture = MixtureOrder.from_state(state["mixture"]) if state.get("mixture") is not None else None
+        if self.mixture is not None and self.mixture.num_shards != self.num_shards:
+            raise ValueError(f"stream position state: its mixture has {self.mixture.num_shards} shards, its "
+                             f"num_shards says {self.num_shards}")
         partial = state.get("partial") or {}
         done = state.get("done") or {"ranges": ""}
         if (partial or done != {"ranges": ""}) and (self.num_shards is None or self.epoch is None):
@@ -402,6 +430,7 @@ class StreamPosition:
 
     def _adopt(self, other: StreamPosition) -> None:
         self.epoch, self.seed, self.dataset, self.num_shards = other.epoch, other.seed, other.dataset, other.num_shards
+        self.mixture = other.mixture
         self._sizes = other._sizes if other._sizes is not None else self._sizes
         self._done, self._new_done = other._done.copy(), set(other._new_done)
         self._partial = {s: b.copy() for s, b in other._partial.items()}
@@ -432,7 +461,8 @@ class StreamPosition:
             if not self.bound:
                 self._adopt(other)
                 continue
-            if other.dataset != self.dataset or other.seed != self.seed or other.num_shards != self.num_shards:
+            if (other.dataset != self.dataset or other.seed != self.seed or other.num_shards != self.num_shards
+                    or other.mixture != self.mixture):
                 raise ValueError(
                     f"cannot merge positions of different streams: dataset {other.dataset} seed {other.seed} vs "
                     f"dataset {self.dataset} seed {self.seed}"

@@ -12,9 +12,10 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.config import DataConfig, S3Config
+from pipeline.data.stream.mixture import MixtureOrder, label_maps
 from pipeline.data.stream.skips import DataSkipError, skip_budget
 
-__all__ = ["ShardRef", "ShardSet", "check_inputs", "resolve_shards"]
+__all__ = ["ShardRef", "ShardSet", "check_inputs", "resolve_shards", "resolve_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +52,13 @@ class ShardSet:
         samples: ``(N,)`` int64, samples per shard, per the manifests.
         bytes: ``(N,)`` int64, size of each shard, per the manifests.
         classes: Class names (index → name).
-        num_samples: Total samples.
-        fingerprint: Digest of the shard names, digests and sample counts; a stored position only applies to the
-            same one.
+        num_samples: Total samples (a mixture: of one epoch, as its draws expect them).
+        fingerprint: Digest of the shard names, digests and sample counts (a mixture: of its sources' and its
+            draws); a stored position only applies to the same one.
+        mixture: A mixture's sampler (its shards are every copy of every source's, see
+            :mod:`pipeline.data.stream.mixture`); None for one source.
+        sources: A mixture's source names.
+        label_maps: A mixture's label map per source (its class index → the stage's); empty for one source.
     """
 
     folders: tuple[str, ...]
@@ -64,6 +69,9 @@ class ShardSet:
     classes: tuple[str, ...]
     num_samples: int
     fingerprint: str
+    mixture: MixtureOrder | None = None
+    sources: tuple[str, ...] = ()
+    label_maps: tuple[np.ndarray, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -74,6 +82,11 @@ class ShardSet:
     def num_shards(self) -> int:
         """Number of shards."""
         return int(self.samples.size)
+
+    @property
+    def num_slots(self) -> int:
+        """Shards one epoch reads: all of them, or a mixture's draws."""
+        return self.num_shards if self.mixture is None else self.mixture.num_slots
 
     def name(self, shard: int) -> str:
         """File name of shard ``shard``."""
@@ -190,6 +203,54 @@ def resolve_shards(spec: str | Sequence[str], *, s3_cfg: S3Config | None = None)
     )
 
 
+def resolve_split(data_cfg: DataConfig, split: str, *, s3_cfg: S3Config | None = None) -> ShardSet:
+    """The shards of ``data.train`` or ``data.val``: :func:`resolve_shards` of the spec, or a mixture's shards.
+
+    Raises:
+        ValueError: the split is unset, or (besides :func:`resolve_shards`' errors) a mixture's label maps or
+            draws are impossible (naming the source).
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"unknown split {split!r} (allowed: 'train', 'val')")
+    spec = getattr(data_cfg, split)
+    if spec is None:
+        raise ValueError(f"data.{split} is not set")
+    if split == "val" or not data_cfg.sources:
+        return resolve_shards(spec, s3_cfg=s3_cfg)
+    return _resolve_mixture(data_cfg, s3_cfg)
+
+
+def _resolve_mixture(data_cfg: DataConfig, s3_cfg: S3Config | None) -> ShardSet:
+    """A mixture as one shard list: each source's shards ``copies`` times, in ``data.train`` order."""
+    import hashlib
+    import json
+
+    sources = data_cfg.sources
+    names = [source.name for source in sources]
+    sets = [resolve_shards(source.shards, s3_cfg=s3_cfg) for source in sources]
+    classes, maps = label_maps([s.classes for s in sets], [source.classes for source in sources], names,
+                               data_cfg.classes)
+    epoch_samples = data_cfg.epoch_samples or sum(s.num_samples for s in sets)
+    mixture = MixtureOrder.plan(shard_samples=[s.samples for s in sets], weights=[source.weight for source in sources],
+                                epoch_samples=epoch_samples, replacement=data_cfg.replacement, names=names)
+    folders = list(dict.fromkeys(f for s in sets for f in s.folders))
+    tiled = {key: [] for key in ("folder", "number", "samples", "bytes")}
+    for shard_set, copies in zip(sets, mixture.copies, strict=True):
+        folder = np.array([folders.index(f) for f in shard_set.folders], dtype=np.int32)[shard_set.folder]
+        for key, array in (("folder", folder), ("number", shard_set.number), ("samples", shard_set.samples),
+                           ("bytes", shard_set.bytes)):
+            tiled[key].append(np.tile(array, copies))
+    expected = sum(d * s.num_samples / s.num_shards for d, s in zip(mixture.draws, sets, strict=True))
+    digest = hashlib.sha256(json.dumps({"sources": [s.fingerprint for s in sets], "mixture": mixture.state()},
+                                       sort_keys=True).encode()).hexdigest()[:32]
+    logger.info("data.train: mixture of %s, %d of %d shard(s) an epoch (~%d samples)",
+                ", ".join(f"{n} ({d} shards)" for n, d in zip(names, mixture.draws, strict=True)), mixture.num_slots,
+                sum(s.num_shards for s in sets), round(expected))
+    return ShardSet(folders=tuple(folders), **{k: np.concatenate(v) for k, v in tiled.items()}, classes=classes,
+                    num_samples=round(expected), fingerprint=digest, mixture=mixture, sources=tuple(names),
+                    label_maps=maps)
+
+
 def _existing_sizes(shard_set: ShardSet, s3_cfg: S3Config | None) -> np.ndarray:
     """Stored size of every shard (-1 when missing): one listing per folder or prefix."""
     from pipeline.data.shards import shard_name
@@ -229,10 +290,9 @@ def check_inputs(
     for split in splits:
         if split not in ("train", "val"):
             raise ValueError(f"splits: unknown split {split!r} (allowed: 'train', 'val')")
-        spec = getattr(data_cfg, split)
-        if spec is None:
+        if getattr(data_cfg, split) is None:
             continue
-        shard_set = resolve_shards(spec, s3_cfg=s3_cfg)
+        shard_set = resolve_split(data_cfg, split, s3_cfg=s3_cfg)
         sizes = _existing_sizes(shard_set, s3_cfg)
         missing = np.flatnonzero(sizes < 0)
         short = np.flatnonzero((sizes >= 0) & (sizes < shard_set.bytes))
@@ -255,4 +315,8 @@ def check_inputs(
         logger.info("data.%s: %d shard(s), %d samples, %d classes", split, shard_set.num_shards,
                     shard_set.num_samples, shard_set.num_classes)
         resolved[split] = shard_set
+    train, val = resolved.get("train"), resolved.get("val")
+    if train is not None and train.mixture is not None and val is not None and val.classes != train.classes:
+        raise ValueError(f"data.val: its classes {list(val.classes)[:20]} differ from the mixture's label set "
+                         f"{list(train.classes)[:20]} (data.classes, or the sources' classes)")
     return resolved
