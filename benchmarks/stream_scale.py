@@ -221,9 +221,9 @@ def _plan_previous(shard_set: _PreviousShardSet, epoch: int) -> dict[str, Any]:
 
 
 def _plan_ours(shard_set: Any, epoch: int) -> dict[str, Any]:
-    spec = TaskSpec(split="train", num_shards=shard_set.num_shards, padding_rows=0,
-                    num_classes=shard_set.num_classes, label_maps=(), seed=_SEED, image=_IMAGE, data_cfg=DataConfig(),
-                    erase_prob=0.25, rows_per_block=56, s3_cfg=None)
+    spec = TaskSpec(split="train", num_shards=shard_set.num_shards, num_classes=shard_set.num_classes,
+                    label_maps=(), seed=_SEED, image=_IMAGE, data_cfg=DataConfig(), erase_prob=0.25,
+                    rows_per_block=56, s3_cfg=None)
     info = {"split": "train", "dataset": shard_set.fingerprint, "seed": _SEED, "shard_samples": shard_set.samples,
             "total": shard_set.num_samples}
     order = shard_order(_SEED, epoch, shard_set.num_shards)
