@@ -77,7 +77,7 @@ def test_each_stage_run_records_its_datasets(pipeline_run: dict) -> None:
     shards = pipeline_run["workdir"] / "shards"
     expected = {  # stage: {dataset name: (context, shards folder)}
         "pretrain": {"pretrain": "training"},
-        "finetune": {"finetune": "training", "test": "validation"},
+        "finetune": {"finetune": "training", "val": "validation"},
         "eval": {"test": "evaluation"},
     }
     for stage, datasets in expected.items():
@@ -91,7 +91,7 @@ def test_each_stage_run_records_its_datasets(pipeline_run: dict) -> None:
             assert dataset["source_type"] == "local"
             profile = json.loads(dataset["profile"])
             assert profile["num_samples"] == resolved.num_samples and profile["num_classes"] == resolved.num_classes
-            assert _tags(item["tags"])["revcol.split"] == ("train" if dataset["name"] != "test" else "val")
+            assert _tags(item["tags"])["revcol.split"] == ("val" if dataset["name"] in ("val", "test") else "train")
 
 
 def test_each_export_is_an_external_logged_model_with_its_metrics(pipeline_run: dict, mlflow_server: MLflowServer,
@@ -114,7 +114,7 @@ def test_each_export_is_an_external_logged_model_with_its_metrics(pipeline_run: 
     metrics = [(m["key"], int(m.get("step", 0)), m.get("dataset_name"), m["run_id"])
                for m in models["finetune"]["data"]["metrics"]]
     final_step = int(summary["finetune"]["metrics"]["step"])
-    assert ("val/top1", final_step, "test", summary["finetune"]["run_id"]) in metrics  # its validation
+    assert ("val/top1", final_step, "val", summary["finetune"]["run_id"]) in metrics  # its validation
     assert ("val/top1", 0, "test", summary["eval"]["run_id"]) in metrics  # the held-out eval of these weights
     assert ("train/loss", final_step, None, summary["finetune"]["run_id"]) in metrics
     assert not any(key.startswith("system/") for key, *_ in metrics)
