@@ -63,3 +63,19 @@ def test_a_failed_copy_keeps_the_earlier_best(tmp_path, one_rank, monkeypatch):
         keep_best(_checkpoint(tmp_path / "local", 20), recipe, recipe.stages[0], step=20)
     assert sorted(p.name for p in earlier.rglob("*") if p.is_file()) == [
         "mp_rank_00_model_states.pt", "rng_rank0.pt", "trainer_state.json"]
+
+
+def test_rng_states_round_trip_through_the_safe_unpickler(tmp_path: Path) -> None:
+    """A rank's RNG states are saved as tensors and plain values: ``torch.load(weights_only=True)`` reads them, and
+    restoring them repeats the draws (torch, numpy, Python) that followed the save."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from pipeline.train.checkpoint import _rng_state, _set_rng_state
+
+    torch.save(_rng_state(), tmp_path / "rng_rank0.pt")
+    draws = (torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)])
+    _set_rng_state(torch.load(tmp_path / "rng_rank0.pt", weights_only=True))
+    assert (torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]) == draws

@@ -17,11 +17,11 @@ import revcol
 
 pytestmark = pytest.mark.slow
 
-REDUCED = [  # a few steps per stage: the test checks the chain, not the accuracy target of the full demo
-    "stages.pretrain.optim.epochs=1",
+REDUCED = [  # a few steps per stage: the full demo's figures are the README's (`make demo`)
+    "stages.pretrain.optim.epochs=4",  # fewer leave pretraining too short to help (1 epoch: -1.4% against scratch)
     "stages.finetune.optim.epochs=3",
-    "stages.scratch.optim.epochs=1",
-    "stages.pretrain.checkpoint.interval_steps=10",
+    "stages.scratch.optim.epochs=3",  # as many as finetune: the gain compares like with like
+    "stages.pretrain.checkpoint.interval_steps=60",
 ]
 
 
@@ -47,13 +47,29 @@ def demo(tmp_path_factory):
 
 def test_chain_runs_every_stage_and_learns(demo):
     stages = demo["first"]["stages"]
-    assert set(stages) == {"pretrain", "finetune", "scratch", "eval"}
+    assert set(stages) == {"pretrain", "finetune", "scratch", "scratch_eval", "eval"}
     assert all(s["status"] == "FINISHED" for s in stages.values())
     assert stages["eval"]["top1"] > 0.5  # ten digits: chance is 0.1
     assert stages["eval"]["metrics"]["val/top5"] >= stages["eval"]["top1"]
     assert "pretraining gain on held-out digits" in demo["first_out"]
     assert "mlflow ui --backend-store-uri sqlite:///" in demo["first_out"]
     assert "/#/experiments/1/runs?workflowType=machine_learning" in demo["first_out"]  # the model-training view
+
+
+TOP1_FLOOR = 0.85
+"""Held-out top-1 the reduced chain's eval stage must reach (measured 2026-12-04: 90.81%, scratch_eval 82.45%; the
+full demo's figures are the README's)."""
+
+
+def test_pretraining_gains_and_top1_is_above_the_floor(demo):
+    """Issue 14: a change that stops pretraining from helping, or training from learning, fails here. Both
+    finetune and scratch train 3 epochs; eval and scratch_eval test them on the held-out split with the weights
+    each chose on val."""
+    stages = demo["first"]["stages"]
+    assert stages["eval"]["top1"] >= TOP1_FLOOR, stages["eval"]["metrics"]
+    finetuned, scratch = stages["eval"]["top1"], stages["scratch_eval"]["top1"]
+    assert finetuned > scratch, (finetuned, scratch)
+    assert f"pretraining gain on held-out digits: {finetuned - scratch:+.2%}" in demo["first_out"]
 
 
 def test_lineage_is_recorded_in_mlflow(demo):
@@ -67,6 +83,7 @@ def test_lineage_is_recorded_in_mlflow(demo):
     assert runs["finetune"].data.tags["revcol.init_from"] == pretrain_export
     assert runs["finetune"].data.tags["revcol.init_from_run"] == runs["pretrain"].info.run_id
     assert runs["eval"].data.tags["revcol.init_from"] == runs["finetune"].data.tags["revcol.export_uri"]
+    assert runs["scratch_eval"].data.tags["revcol.init_from"] == runs["scratch"].data.tags["revcol.export_uri"]
     assert "revcol.init_from" not in runs["scratch"].data.tags
     # the finetune export is a plain 10-class model; pretrain's has the 40-class intersup heads
     model = revcol.create_model("revcol_test", num_classes=10)
@@ -91,8 +108,9 @@ def test_mlflow3_objects_in_the_local_store(demo):
                        for i in r.inputs.dataset_inputs} for name, r in runs.items()}
     assert contexts == {
         "pretrain": {("pretrain", "training")},
-        "finetune": {("finetune", "training"), ("test", "validation")},
-        "scratch": {("finetune", "training"), ("test", "validation")},
+        "finetune": {("finetune", "training"), ("val", "validation")},
+        "scratch": {("finetune", "training"), ("val", "validation")},
+        "scratch_eval": {("test", "evaluation")},
         "eval": {("test", "evaluation")},
     }
     models = {}
@@ -114,7 +132,7 @@ def test_rerun_is_idempotent(demo):
     assert {k: v["run_id"] for k, v in first.items()} == {k: v["run_id"] for k, v in second.items()}
     client = MlflowClient(demo["first"]["tracking_uri"])
     experiment = client.get_experiment_by_name("demo_digits")
-    assert len(client.search_runs([experiment.experiment_id])) == 5  # one parent + four stages, not duplicated
+    assert len(client.search_runs([experiment.experiment_id])) == 6  # one parent + five stages, not duplicated
 
 
 def test_dry_run_validates_without_cluster(demo):
@@ -155,7 +173,8 @@ def test_console_is_short_and_the_log_file_holds_the_rest(demo):
     assert re.search(r"finetune step \d+/\d+ epoch \d+ loss \S+ lr", text)  # rank 0's full progress lines
     assert "Ray's own logs" in text
     stages = demo["first"]["stages"]
-    for name, kind in [("pretrain", "pretrain"), ("finetune", "finetune"), ("scratch", "finetune"), ("eval", "eval")]:
+    for name, kind in [("pretrain", "pretrain"), ("finetune", "finetune"), ("scratch", "finetune"),
+                       ("scratch_eval", "eval"), ("eval", "eval")]:
         assert f"{name} started ({kind}): MLflow run {stages[name]['run_id']}" in out
         assert re.search(rf"^{name} finished in \S+, \d+ samples/s", out, re.M), out
     for name in ("pretrain", "finetune", "scratch"):

@@ -257,7 +257,7 @@ def test_resumed_run_matches_an_uninterrupted_one(digits, tmp_path, capfd, worke
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, msg=key)
     if workers == 2:  # each rank draws its own randomness (drop-path masks) and resumes its own RNG states
-        states = [torch.load(f"{straight.checkpoint.path}/rng_rank{r}.pt", weights_only=False)["torch"] for r in (0, 1)]
+        states = [torch.load(f"{straight.checkpoint.path}/rng_rank{r}.pt", weights_only=True)["torch"] for r in (0, 1)]
         assert not torch.equal(*states)
     # the resumed run continued the checkpoint's AdamW state (a fresh one would count fewer steps and differ)
     adam = [_adam_state(r.checkpoint.path) for r in (straight, resumed)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import struct
 from contextlib import nullcontext
@@ -64,7 +65,11 @@ class TrainerState:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors and plain Python values only, so that ``torch.load(weights_only=True)``
+    reads them back (numpy's key array pickled as an ndarray would need the unsafe unpickler)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                       int(has_gauss), float(gauss)], "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -72,7 +77,8 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -157,7 +163,11 @@ def load_checkpoint(engine: Any, folder: Path, *, ema: ShardedEma | None) -> Tra
         engine.load_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
         rng = folder / f"rng_rank{engine.global_rank}.pt"
         if rng.exists():
-            _set_rng_state(torch.load(rng, weights_only=False))  # numpy/python RNG states are not plain tensors
+            try:
+                _set_rng_state(torch.load(rng, weights_only=True))
+            except pickle.UnpicklingError:  # written before the RNG states were plain values: not unpickled unsafely
+                logger.warning("checkpoint %s: %s holds pickled numpy arrays (an earlier version's format); this "
+                               "rank's RNG states start afresh instead", folder, rng.name)
     else:
         reason = (
             "holds weights only" if not (folder / "deepspeed").exists()
