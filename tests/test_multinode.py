@@ -220,7 +220,8 @@ INTERVAL = 10
 def test_losing_rank0s_training_node_mid_epoch(
     cluster: Any, digits: Path, s3_server: Any, mlflow_server: Any, tmp_path: Path, replacement: bool
 ) -> None:
-    """The demo's pretrain stage through ``revcol run`` on the cluster (S3 storage, an MLflow server): after its
+    """The demo's pretrain stage (with a replacement node, the finetune stage after it: a few steps from the
+    resumed pretrain's export) through ``revcol run`` on the cluster (S3 storage, an MLflow server): after its
     first checkpoint in S3, the training node of rank 0's worker goes (SIGKILL of its processes). With a
     replacement node (2 workers, ``max_failures``) the worker group restarts there; without one, with
     ``num_workers: 1..2`` (elastic) on the node that is left. The run finishes; no sample of the epoch is lost,
@@ -272,8 +273,12 @@ def test_losing_rank0s_training_node_mid_epoch(
            # right after the loss Ray's elastic policy still counts the lost node and first tries the old size: that
            # try ends at this timeout (60 s by default; a worker group starts in 15-25 s here)
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
+    # with a replacement node the finetune stage follows on the cluster the loss left (a few steps)
+    stages = "pretrain,finetune" if replacement else "pretrain"
+    if replacement:
+        sets.append("stages.finetune.optim.max_steps=4")
     command = [sys.executable, "-m", "pipeline", "run", str(Path(__file__).parent.parent / "jobs" / "demo_digits.yaml"),
-               "--stages", "pretrain", "--json", *[arg for item in sets for arg in ("--set", item)]]
+               "--stages", stages, "--json", *[arg for item in sets for arg in ("--set", item)]]
     run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         s3 = s3_server.client()
@@ -300,8 +305,13 @@ def test_losing_rank0s_training_node_mid_epoch(
         if run.poll() is None:
             run.kill()
     assert run.returncode == 0, out[-4000:]
-    summary = json.loads(out.strip().splitlines()[-1])["stages"]["pretrain"]
+    outcomes = json.loads(out.strip().splitlines()[-1])["stages"]
+    summary = outcomes["pretrain"]
     assert summary["status"] == "FINISHED"
+    if replacement:
+        assert outcomes["finetune"]["status"] == "FINISHED" and outcomes["finetune"]["metrics"]["step"] == 4
+        finetune_tags = MlflowClient(mlflow_server.tracking_uri).get_run(outcomes["finetune"]["run_id"]).data.tags
+        assert finetune_tags["revcol.init_from"] == summary["export_uri"]  # the weights the resumed pretrain exported
 
     # placement: every worker on a training node; after the loss, none on the removed one
     records = [r for r in recorded_nodes(trace) if r["role"] == "train_worker"]
