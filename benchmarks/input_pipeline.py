@@ -290,12 +290,12 @@ def measure_dataloader(urls: list[str], transform: Callable[[Any], Any], workers
         .to_tuple("jpg;png", "cls")
         .map_tuple(transform, int)
     )
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, drop_last=False,
-                                         persistent_workers=True)
+    loaders = [torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, drop_last=False,
+                                           persistent_workers=True)]
     try:
-        return _timed(lambda: loader, lambda b: len(b[1]), count=epochs)
+        return _timed(lambda: loaders[0], lambda b: len(b[1]), count=epochs)
     finally:
-        del loader
+        loaders.clear()  # its persistent workers stop with the loader's last reference, before the next measurement
 
 
 def _data_cfg(urls: list[str], **kw: Any) -> DataConfig:
