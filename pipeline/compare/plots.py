@@ -88,6 +88,10 @@ def _draw_lines(ax: Axes, curves: list[_Curve], metric: str, x: XAxis) -> None:
     ax.legend(loc="best", fontsize=8)
 
 
+WEIGHTS_COLORS = {"raw": "0.35", "ema": "0.7"}
+"""Bar colours per weights kind: greys, so that they do not read as the runs the line panels beside them colour."""
+
+
 def _draw_bars(ax: Axes, results: dict[str, dict[str, float]], metric: str) -> None:
     kinds = sorted({kind for per_curve in results.values() for kind in per_curve})
     width = 0.8 / len(kinds)
@@ -95,7 +99,7 @@ def _draw_bars(ax: Axes, results: dict[str, dict[str, float]], metric: str) -> N
         positions = [i + (k - (len(kinds) - 1) / 2) * width for i, per_curve in enumerate(results.values())
                      if kind in per_curve]
         values = [per_curve[kind] for per_curve in results.values() if kind in per_curve]
-        bars = ax.bar(positions, values, width=width * 0.95, label=kind)
+        bars = ax.bar(positions, values, width=width * 0.95, label=kind, color=WEIGHTS_COLORS.get(kind))
         ax.bar_label(bars, fmt="%.4g", fontsize=7)
     ax.set_xticks(range(len(results)), list(results), fontsize=8)
     ax.set_ylabel(metric)
