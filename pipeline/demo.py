@@ -7,8 +7,7 @@
 2. Writes them as WebDataset shards with ``revcol shards write`` (resumable: a re-run reuses them).
 3. Runs ``jobs/demo_digits.yaml`` — pretrain → finetune (from the pretrained weights) → scratch (the same
    finetune without pretraining, the baseline) → scratch_eval and eval (each on the test split) — on a local Ray
-   cluster with 2 Ray Train workers under
-   DeepSpeed, local storage and a local MLflow store.
+   cluster with 2 Ray Train workers under DeepSpeed, local storage and a local MLflow store.
 4. Prints a summary (stage, MLflow run id, samples/s, top-1) and the command that opens the MLflow UI on it.
 
 With ``--services`` (``run_demo(services=True)``) the same chain runs the way a cluster does, against real servers

@@ -98,7 +98,8 @@ def evaluate_weights(
             raise ValueError(f"{split} shards {data.val!r} have {shards.num_classes} classes, more than the weights "
                              f"classify: {too_many}")
         datasets[split] = build_eval_dataset(
-            data, model_name=stage.model.name, s3_cfg=recipe.s3, batch_size=stage.data.batch_size, data_cpus=placement.data_cpus, label_selector=placement.data_selector,
+            data, model_name=stage.model.name, s3_cfg=recipe.s3, batch_size=stage.data.batch_size,
+            data_cpus=placement.data_cpus, label_selector=placement.data_selector,
         )
     job = EvalJob(
         recipe=recipe.model_dump(mode="json", exclude={"s3": S3_SECRETS}),
