@@ -1,8 +1,8 @@
 """Every recipe in ``jobs/`` parses; the paper recipes carry the official hyperparameters and fit their cluster.
 
-The expected values are read from ``../shared/fixtures/official_recipes.md`` (the release's configs, beside the
-repository): its table gives each official config's hyperparameters, its prose the shared ones and the blanks'
-meaning (clip grad 10.0 where blank, 0.0 means none; EMA decay where MODEL_EMA is True; NUM_CLASSES 1000 where
+The expected values are read from ``tests/assets/official_recipes.md`` (the release's configs, copied from the
+project's shared fixtures so that a clone alone runs the tests): its table gives each official config's
+hyperparameters, its prose the shared ones and the blanks' meaning (clip grad 10.0 where blank, 0.0 means none; EMA decay where MODEL_EMA is True; NUM_CLASSES 1000 where
 blank; AdamW eps/betas and the cosine schedule; batch 128 per GPU on 8 GPUs, 64 at 384 px). This file only says
 which official config each recipe stage carries (``OFFICIAL``) and names the project's own choices beside them.
 """
@@ -20,7 +20,7 @@ from pipeline.config import Recipe, load_recipe
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 RECIPES = sorted(JOBS.glob("*.yaml"))
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "official_recipes.md"
+FIXTURE = Path(__file__).resolve().parent / "assets" / "official_recipes.md"
 
 # recipe -> stage -> the official config (a row of the fixture's table) the stage carries
 OFFICIAL = {
