@@ -16,6 +16,7 @@ from safetensors.torch import load, load_file
 from mlflow.tracking import MlflowClient
 
 import revcol
+from pipeline.audit import recorded_samples
 from pipeline.config import DataConfig, parse_recipe
 from pipeline.data.stream.position import epoch_order
 from pipeline.data.stream.shard_set import resolve_split
@@ -324,7 +325,7 @@ def _kill_a_worker_after(trace: Path, rows: int) -> tuple[threading.Thread, dict
     def kill() -> None:
         deadline = time.time() + 300
         while time.time() < deadline:
-            lines = sum(len(p.read_text().splitlines()) for p in trace.glob("*.txt")) if trace.exists() else 0
+            lines = sum(map(len, recorded_samples(trace).values()))
             if lines >= rows:
                 pids = _train_worker_pids()
                 if pids:
@@ -340,7 +341,7 @@ def _kill_a_worker_after(trace: Path, rows: int) -> tuple[threading.Thread, dict
 
 def _trained(trace: Path) -> Counter[tuple[int, int, int]]:
     """How often each ``(epoch, shard, index)`` was trained on, from the audit trail of every worker process."""
-    return Counter(tuple(map(int, line.split())) for f in trace.glob("*.txt") for line in f.read_text().splitlines())
+    return Counter(line for lines in recorded_samples(trace).values() for line in lines)
 
 
 def _assert_resumed_without_loss(seen: Counter[tuple[int, int, int]], *, trained: int, interval: int) -> None:

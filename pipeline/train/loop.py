@@ -26,7 +26,7 @@ import torch
 
 import revcol
 from pipeline import storage
-from pipeline.audit import record_node
+from pipeline.audit import open_sample_log
 from pipeline.config import Recipe, StageConfig
 from pipeline.data.stream import StreamPosition, iter_train_batches, skipped_counts
 from pipeline.data.transforms import mix_seed
@@ -265,7 +265,7 @@ def train_func(config: dict[str, Any]) -> None:
             if new_best:
                 keep_best(Path(tmp), recipe, stage, step=state.step)
 
-    trace = _open_trace(stage.data.trace_dir, rank)
+    trace = None if stage.data.trace_dir is None else open_sample_log(stage.data.trace_dir, rank)
     done = state.step >= total_steps
     window = {"loss": 0.0, "n": 0, "wait": 0.0, "time": 0.0, "samples": 0}
     while not done:
@@ -345,16 +345,6 @@ def _remove_offload_files(stage: StageConfig, rank: int) -> None:
         return
     for folder in Path(stage.deepspeed.nvme_path).glob(f"zero_stage_*/*/rank{rank}"):
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _open_trace(folder: str | None, rank: int) -> Any:
-    if folder is None:
-        return None
-    import os
-
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    record_node(folder, "train_worker", rank=rank)
-    return open(Path(folder) / f"samples-rank{rank}-pid{os.getpid()}.txt", "a")  # noqa: SIM115 - lives for the run
 
 
 def _log_progress(
