@@ -197,12 +197,6 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return workdir
 
 
-def _sample_lines(trace: Path) -> dict[str, list[tuple[int, int, int]]]:
-    """Per sample file of the audit trail (one per worker process), its ``(epoch, shard, index)`` lines so far."""
-    return {path.name: [tuple(map(int, line.split())) for line in path.read_text().splitlines() if line.count(" ") == 2]
-            for path in trace.glob("samples-*.txt")}
-
-
 def _train_worker(trace: Path, rank: int) -> dict[str, Any] | None:
     """The latest audit record of the training worker of ``rank``."""
     from pipeline.audit import recorded_nodes
@@ -224,7 +218,8 @@ def test_losing_rank0s_training_node_mid_epoch(
     resumed pretrain's export) through ``revcol run`` on the cluster (S3 storage, an MLflow server): after its
     first checkpoint in S3, the training node of rank 0's worker goes (SIGKILL of its processes). With a
     replacement node (2 workers, ``max_failures``) the worker group restarts there; without one, with
-    ``num_workers: 1..2`` (elastic) on the node that is left. The run finishes; no sample of the epoch is lost,
+    ``num_workers: 1..2`` (elastic) on the node that is left. With the replacement, the decode node is lost at the
+    same moment (and replaced): decode goes on on the new one. The run finishes; no sample of the epoch is lost,
     at most one checkpoint interval repeats, no MLflow step is logged twice, and the S3 secrets appear nowhere."""
     import json
     import os
@@ -236,7 +231,7 @@ def test_losing_rank0s_training_node_mid_epoch(
 
     from mlflow.tracking import MlflowClient
 
-    from pipeline.audit import recorded_nodes
+    from pipeline.audit import recorded_nodes, recorded_samples
     from pipeline.demo import _overrides
 
     train_nodes = _ensure_nodes(cluster, "train", 2, num_cpus=1)
@@ -289,15 +284,20 @@ def test_losing_rank0s_training_node_mid_epoch(
             time.sleep(0.5)
         rank0 = _train_worker(trace, 0)
         victim = next(node for node in cluster.worker_nodes if node.node_id == rank0["node"])
-        before = {name for name, lines in _sample_lines(trace).items() if lines}
+        before = {name for name, lines in recorded_samples(trace).items() if lines}
         first_pids = {r["pid"] for r in recorded_nodes(trace) if r["role"] == "train_worker"}
-        if replacement:
+        lost_data = []
+        if replacement:  # the decode node goes too, both replaced: decode carries on on the new one
+            lost_data = [n for n in cluster.worker_nodes if n.node_id in _nodes_of_role("data")]
             cluster.add_node(num_cpus=1, labels={ROLE: "train"})
+            cluster.add_node(num_cpus=2, labels={ROLE: "data"})
         removed_at = time.monotonic()
         cluster.remove_node(victim, allow_graceful=False)
+        for node in lost_data:
+            cluster.remove_node(node, allow_graceful=False)
         restart_s = None
         while run.poll() is None and restart_s is None:  # the first sample a restarted worker trains on
-            if any(lines for name, lines in _sample_lines(trace).items() if name not in before):
+            if any(lines for name, lines in recorded_samples(trace).items() if name not in before):
                 restart_s = time.monotonic() - removed_at
             time.sleep(0.2)
         out, _ = run.communicate(timeout=600)
@@ -319,9 +319,13 @@ def test_losing_rank0s_training_node_mid_epoch(
     assert restarted and restart_s is not None and victim.node_id not in {r["node"] for r in restarted}
     assert {r["node"] for r in records} <= set(train_nodes) | set(_nodes_of_role("train"))
     assert {r["rank"] for r in restarted} == ({0, 1} if replacement else {0})
+    if replacement:
+        decode_nodes = {r["node"] for r in recorded_nodes(trace) if r["role"] == "decode"}
+        assert decode_nodes - {n.node_id for n in lost_data} <= set(_nodes_of_role("data")), decode_nodes
+        assert decode_nodes & set(_nodes_of_role("data")), "no decode task ran on the replacement data node"
 
     # the audit trail: every sample of the epoch trained (bar the last pass's drop-last), one interval repeated
-    seen = Counter(line for lines in _sample_lines(trace).values() for line in lines)
+    seen = Counter(line for lines in recorded_samples(trace).values() for line in lines)
     total = json.loads((digits / "shards" / "pretrain" / "manifest.json").read_text())["num_samples"]
     epoch0 = {(shard, index) for epoch, shard, index in seen if epoch == 0}
     batch = 32
