@@ -148,7 +148,7 @@ def test_submit_stop_and_resume(
     experiment = f"jobs-{uuid.uuid4().hex[:8]}"
     sets = [s for s in _overrides(digits) if not s.startswith(("storage_path=", "tracking.uri="))]
     sets += [f"storage_path=s3://{bucket}/runs", f"tracking.uri={mlflow_server.tracking_uri}",
-             f"tracking.experiment={experiment}", "stages.pretrain.optim.epochs=3",
+             f"tracking.experiment={experiment}", "stages.pretrain.optim.epochs=2",
              "stages.pretrain.checkpoint.interval_steps=20"]
     entrypoint = ["python", "-m", "pipeline", "run", "jobs/demo_digits.yaml", "--stages", "pretrain", "--json"]
     for item in sets:
