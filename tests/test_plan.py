@@ -231,6 +231,17 @@ def test_columns_beyond_the_third_change_no_traced_byte(intersup: bool) -> None:
     assert _trace_cached(**args) == _trace_cached(**args, all_columns=True)
 
 
+def test_step_flops_count_the_recomputed_columns() -> None:
+    """Backward is 2× forward; the fast path recomputes 3 of revcol_test's 4 columns, the reference path all 4."""
+    stage = _stage()
+    fast = activation_trace(stage)
+    reference_model = stage.model.model_copy(update={"fast_path": False})
+    reference = activation_trace(stage.model_copy(update={"model": reference_model}))
+    assert fast.step_flops / fast.forward_flops == pytest.approx(3.75)
+    assert reference.step_flops / reference.forward_flops == pytest.approx(4.0)
+    assert activation_trace(_stage(batch=8)).step_flops == pytest.approx(2 * fast.step_flops, rel=0.01)
+
+
 # ------------------------------------------------------------------------------------------------- RevCol-H
 def test_huge_640_zero0_is_refused_naming_the_fix() -> None:
     recipe = load_recipe(H_RECIPE, ["stages.finetune_640.deepspeed.zero_stage=0"])

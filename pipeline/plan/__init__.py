@@ -35,8 +35,10 @@ Where the numbers come from:
   precisions the traced activation bytes are an upper bound. Autocast's weight-cast cache (16-bit copies of
   Linear/Conv weights, alive through the forward, and one column's during its recompute) is added analytically.
 * **FLOPs**: the forward is counted by ``torch.utils.flop_counter.FlopCounterMode`` during the same trace; a training
-  step of the reversible model is ≈ 4× forward (forward, recompute, 2× backward). The counter's own backward count
-  is not used: it ignores ``groups`` in ``convolution_backward`` and over-counts depthwise convolutions ×C.
+  step of the reversible model is ≈ (3 + r)× forward (forward, 2× backward, and the recompute of the share r of
+  the columns: all but the last on the default path, 3.75× for RevCol-T; all on ``fast_path: false``, 4×). The
+  counter's own backward count is not used: it ignores ``groups`` in ``convolution_backward`` and over-counts
+  depthwise convolutions ×C.
 
 Traces and model statistics are cached in-process per (model, classes, resolution, micro-batch, ...), so planning
 suggestions and several recipes sharing a model costs one trace each.

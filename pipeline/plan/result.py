@@ -99,8 +99,9 @@ class StagePlan:
 
     @property
     def step_flops(self) -> int:
-        """FLOPs of one micro-batch step on one worker: ≈ 4× forward for training (reversible), 1× for eval."""
-        return self.trace.forward_flops * (4 if self.trace.train else 1)
+        """FLOPs of one micro-batch step on one worker: for training ≈ (3 + the recomputed share of the columns)×
+        forward (3.75× for RevCol-T's 4 columns on the default path, 4× on the reference path), 1× for eval."""
+        return self.trace.step_flops
 
     def to_dict(self) -> dict[str, Any]:
         tiers = sorted({i.tier for i in self.items})

@@ -41,6 +41,8 @@ class ActivationTrace:
         forward_peak_bytes: most live bytes during forward and loss.
         backward_peak_bytes: most live bytes during the whole step (for training: inside backward).
         forward_flops: forward FLOPs of the micro-batch (FlopCounterMode).
+        step_flops: FLOPs of the whole step: forward, the recomputed columns' forward again and 2× forward for
+            backward (training), or the forward alone (inference).
         micro_batch: the traced micro-batch.
         image_size: the traced resolution.
         train: a training step (forward + backward) rather than inference.
@@ -50,6 +52,7 @@ class ActivationTrace:
     forward_peak_bytes: int
     backward_peak_bytes: int
     forward_flops: int
+    step_flops: int
     micro_batch: int
     image_size: int
     train: bool
@@ -63,6 +66,7 @@ class ActivationTrace:
             forward_peak_bytes=round(self.forward_peak_bytes * f),
             backward_peak_bytes=round(self.backward_peak_bytes * f),
             forward_flops=round(self.forward_flops * f),
+            step_flops=round(self.step_flops * f),
             micro_batch=micro_batch,
         )
 
@@ -177,6 +181,9 @@ def _trace_cached(
             per_column = next(sum(v.values()) for k, v in flops.get_flop_counts().items() if k.endswith(".subnet1"))
             forward_flops += (full_columns - columns) * per_column
         backward_peak = tracker.peak
+        # backward costs 2× forward; the columns handed to the reversible part run their forward once more
+        recomputed = (full_columns - int(bool(keep_last))) / full_columns if reversible and train else 0.0
+        step_flops = forward_flops * (3 + recomputed) if train else forward_flops
         del objective, model, params, images, targets, before
     logger.debug(
         "traced %s (%d of %d columns) at %dpx x %d (%s) in %.1fs: kept %d, peak %d bytes",
@@ -188,6 +195,7 @@ def _trace_cached(
         forward_peak_bytes=forward_peak,
         backward_peak_bytes=backward_peak,
         forward_flops=int(forward_flops),
+        step_flops=int(step_flops),
         micro_batch=micro_batch,
         image_size=image_size,
         train=train,
