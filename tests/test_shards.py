@@ -375,6 +375,25 @@ def test_bad_index_or_version_named(image_folder: Path, tmp_path: Path) -> None:
         verify_shards(str(tmp_path), progress=False)
 
 
+def test_partial_manifest_is_saved_first_then_throttled_and_on_error(tmp_path: Path) -> None:
+    """The partial manifest lists every shard so far: saved after the first shard, then at most every 30 s (here
+    never again: the write takes seconds), not after each shard; a write stopped by an error saves it on the way out."""
+    dest = tmp_path / "throttled"
+    listed: list[int] = []
+
+    def crash_after_50(record: dict[str, Any]) -> None:
+        listed.append(len(json.loads((dest / PARTIAL_MANIFEST_NAME).read_text())["shards"]))
+        if len(listed) == 50:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        write_shards("digits", str(dest), shard_size=10, seed=0, progress=False, on_shard=crash_after_50)
+    assert set(listed) == {1}, listed  # written once in 50 shards
+    assert len(json.loads((dest / PARTIAL_MANIFEST_NAME).read_text())["shards"]) == 50  # saved on the error
+    manifest = write_shards("digits", str(dest), shard_size=10, seed=0, progress=False)
+    assert manifest["num_shards"] == 180 and not (dest / PARTIAL_MANIFEST_NAME).exists()
+
+
 def test_resume_local_keeps_finished_shards(digits_local: Path, tmp_path: Path) -> None:
     dest = tmp_path / "resumed"
     done: list[str] = []

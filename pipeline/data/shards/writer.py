@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -49,6 +50,11 @@ from pipeline.data.shards.sources import (
 __all__ = ["ShardsExistError", "write_shards"]
 
 logger = logging.getLogger(__name__)
+
+PARTIAL_SAVE_S = 30.0
+"""Least seconds between rewrites of ``manifest.partial.json`` (besides after the first shard and when the write
+stops on an error). It lists every shard so far, so rewriting it after each shard would cost bytes quadratic in the
+number of shards; a write killed outright loses at most this much work, redone byte-identically on resume."""
 
 _TAR_MTIME = 0.0
 _TAR_USER = "revcol"
@@ -309,6 +315,40 @@ def _reconcile_destination(store: Destination, *, fingerprint: str, force: bool,
     return []
 
 
+class _PartialManifest:
+    """``manifest.partial.json`` of a write in progress: ``records`` (a list the writer appends to) saved after the
+    first shard, then at most every :data:`PARTIAL_SAVE_S` seconds, and never taking more than ~10 % of the time."""
+
+    def __init__(self, store: Destination, header: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        self.store, self.header, self.records = store, header, records
+        self.saved = len(records)
+        self.next_save = time.monotonic() + PARTIAL_SAVE_S
+
+    def shard_added(self) -> None:
+        if self.saved == 0 or time.monotonic() >= self.next_save:
+            self.save()
+
+    def save(self) -> None:
+        if len(self.records) == self.saved:
+            return
+        started = time.monotonic()
+        self.store.write_bytes(
+            PARTIAL_MANIFEST_NAME, dump_json({**self.header, "complete": False, "shards": self.records})
+        )
+        self.saved = len(self.records)
+        took = time.monotonic() - started
+        self.next_save = time.monotonic() + max(PARTIAL_SAVE_S, 10 * took)
+
+    def save_quietly(self) -> None:
+        """Saves on the way out of a failed write; a failure here (the store itself is down) only warns, so the
+        original error is the one raised."""
+        try:
+            self.save()
+        except Exception as exc:  # noqa: BLE001 - the caller re-raises the original error
+            where = self.store.where(PARTIAL_MANIFEST_NAME)
+            logger.warning("%s: could not record the shards written so far: %s", where, exc)
+
+
 def _write_all(
     store: Destination,
     src: Source,
@@ -335,6 +375,7 @@ def _write_all(
         position = stop
         records.append(record)
 
+    partial = _PartialManifest(store, header, records)
     skipped_examples: dict[str, str] = {}
     scratch = store.scratch_dir()
     bar = tqdm(total=len(items), unit="img", desc=f"shards -> {store.url}", file=sys.stderr, disable=not progress)
@@ -375,9 +416,12 @@ def _write_all(
             records.append(record)
             position = record["source_range"][1]
             index += 1
-            store.write_bytes(PARTIAL_MANIFEST_NAME, dump_json({**header, "complete": False, "shards": records}))
+            partial.shard_added()
             if on_shard is not None:
                 on_shard(dict(record))
+    except BaseException:
+        partial.save_quietly()  # the shards stored so far are kept by the next run
+        raise
     finally:
         bar.close()
 
