@@ -44,6 +44,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         result = run_demo(workdir=args.workdir, overrides=args.set, seed=args.seed,
                           progress=args.verbose and not args.json, services=args.services,
                           stages=_stage_names(args.stages), events=console)
+    _disconnect_ray()
     if args.json:
         print_json(result)
     return 0
@@ -114,12 +115,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     with RunConsole(run_log_path(RUN_LOGS, recipe.name), verbose=args.verbose) as console:
         outcomes = run_pipeline(recipe, stages=wanted, events=console)
+    _disconnect_ray()
     for o in outcomes:
         top1 = o.metrics.get("val/top1")
         print(f"{o.stage:<12} {o.status:<9} run {o.run_id}  top-1 {'-' if top1 is None else f'{top1:.4f}'}")
     if args.json:
         print_json({"recipe": recipe.name, "stages": {o.stage: asdict(o) for o in outcomes}})
     return 0
+
+
+def _disconnect_ray() -> None:
+    """Leaves the Ray cluster before the summary: until then Ray forwards its processes' lines (a raylet's warning,
+    a worker's last words), and none may follow the summary, whose last line is the JSON of ``--json``."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    sys.stderr.flush()
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -132,6 +144,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, image_size=args.image_size,
         tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), experiment=args.experiment,
     )
+    _disconnect_ray()
     if args.json:
         print_json(summary)
         return 0
