@@ -23,8 +23,9 @@ Guarantees:
 * Resumable: each shard is written under a temporary name and renamed (or uploaded) when complete, then recorded in
   ``manifest.partial.json`` (the records inline, as in version 1), which is saved after the first shard, at most
   every 30 s after that and when the write stops on an error (a write killed outright redoes at most 30 s of
-  shards); ``shards.parquet`` and then ``manifest.json`` are written once every shard is. Rerunning the same command checks the recorded shards (sha256 of local files; size and
-  the uploaded sha256 metadata for S3 objects), keeps the good ones, rewrites damaged ones and continues.
+  shards); ``shards.parquet`` and then ``manifest.json`` are written once every shard is. Rerunning the same
+  command checks the recorded shards (sha256 of local files; size and the uploaded sha256 metadata for S3 objects),
+  keeps the good ones, rewrites damaged ones and continues.
 * Safe: a destination holding a different dataset (another fingerprint of source + split + seed + shard settings)
   is never overwritten without ``force``.
 
