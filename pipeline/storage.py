@@ -54,6 +54,7 @@ __all__ = [
     "client",
     "copy_tree",
     "exists",
+    "file_sizes",
     "get_file",
     "is_s3_url",
     "join",
@@ -551,13 +552,28 @@ def list_dir(url: str | Path, *, s3: S3Config | None = None) -> list[Entry]:
     return sorted(found, key=lambda e: e.name)
 
 
-def _walk(url: str, s3: S3Config | None) -> list[str]:
-    """Relative names of every file below a folder or prefix."""
+def file_sizes(url: str | Path, *, s3: S3Config | None = None) -> dict[str, int]:
+    """Every file below a folder or prefix: relative name → size in bytes (empty when it does not exist)."""
+    url = str(url)
     if not is_s3_url(url):
         root = Path(url).expanduser()
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-    return sorted(o["Key"][len(prefix) :] for prefix, page in _pages(url, s3, delimiter=False)
-                  for o in page.get("Contents", []))
+        if not root.is_dir():
+            return {}
+        sizes = {}
+        for path in root.rglob("*"):
+            try:
+                if path.is_file():
+                    sizes[str(path.relative_to(root))] = path.stat().st_size
+            except FileNotFoundError:  # removed meanwhile: not listed
+                continue
+        return sizes
+    return {o["Key"][len(prefix) :]: int(o["Size"]) for prefix, page in _pages(url, s3, delimiter=False)
+            for o in page.get("Contents", [])}
+
+
+def _walk(url: str, s3: S3Config | None) -> list[str]:
+    """Relative names of every file below a folder or prefix."""
+    return sorted(file_sizes(url, s3=s3))
 
 
 def remove(url: str | Path, *, s3: S3Config | None = None) -> None:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from pipeline.config import parse_recipe
 from pipeline.services import free_port
 from pipeline import storage
-from pipeline.train.run_folder import keep_best, latest_checkpoint, run_name
+from pipeline.train.run_folder import is_complete, keep_best, latest_checkpoint, rank_files_name, resume_checkpoint, run_name
 
 
 @pytest.fixture
@@ -63,6 +63,64 @@ def test_a_failed_copy_keeps_the_earlier_best(tmp_path, one_rank, monkeypatch):
         keep_best(_checkpoint(tmp_path / "local", 20), recipe, recipe.stages[0], step=20)
     assert sorted(p.name for p in earlier.rglob("*") if p.is_file()) == [
         "mp_rank_00_model_states.pt", "rng_rank0.pt", "trainer_state.json"]
+
+
+def _listed_checkpoint(folder: Path, step: int, *, world_size: int = 2) -> Path:
+    """A checkpoint of ``world_size`` ranks whose every rank listed its files (``save_checkpoint``'s layout)."""
+    state = {"step": step, "world_size": world_size, "rank_files": True}
+    for rank in range(world_size):
+        part = {f"deepspeed/step/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt": b"shard" * (rank + 1),
+                f"rng_rank{rank}.pt": b"rng"}
+        if rank == 0:
+            part["trainer_state.json"] = json.dumps(state).encode()
+        for name, data in part.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+        (folder / rank_files_name(rank)).write_text(json.dumps({n: len(d) for n, d in part.items()}))
+    return folder
+
+
+def test_a_checkpoint_is_complete_when_every_listed_file_is_there_at_its_size(tmp_path):
+    """Ray Train uploads a rank's files in no fixed order: a node lost mid-upload can leave the trainer state and
+    the RNG files in storage without a ZeRO shard. Only every rank's list, each file at its size, makes it whole."""
+    folder = str(_listed_checkpoint(tmp_path / "ckpt", 10))
+    assert is_complete(folder)
+    shard = tmp_path / "ckpt" / "deepspeed" / "step" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shard.write_bytes(b"sha")  # a file still being written
+    assert not is_complete(folder)
+    shard.unlink()  # not uploaded yet, though its rank's RNG file is
+    assert not is_complete(folder)
+    _listed_checkpoint(tmp_path / "ckpt2", 10)
+    (tmp_path / "ckpt2" / rank_files_name(1)).unlink()  # rank 1's list is the last of its files to arrive
+    assert not is_complete(str(tmp_path / "ckpt2"))
+    # an earlier version's checkpoint (no lists): each rank's RNG file marks it complete
+    assert is_complete(str(_checkpoint(tmp_path / "old", 5)))
+    (tmp_path / "old" / "rng_rank0.pt").unlink()
+    assert not is_complete(str(tmp_path / "old"))
+
+
+def test_resume_takes_a_complete_checkpoint_newer_than_the_registered_one(tmp_path, s3_bucket, s3_env):
+    """A node lost between the upload of a checkpoint and its registration by Ray Train: the restarted group
+    resumes from that newer, complete checkpoint, not from the registered one an interval earlier; an incomplete
+    newer one is passed over. The same on S3."""
+    recipe, run = _run_folder(tmp_path)
+    stage = recipe.stages[0]
+    older = str(_listed_checkpoint(run / "checkpoint_2030-01-01_00-00-10.000000", 10))
+    newer = str(_listed_checkpoint(run / "checkpoint_2030-01-01_00-00-20.000000", 20))
+    assert resume_checkpoint(recipe, stage, older) == newer
+    assert resume_checkpoint(recipe, stage, newer) == newer
+    assert resume_checkpoint(recipe, stage, None) == newer  # nothing registered yet: found in storage
+    partial = _listed_checkpoint(run / "checkpoint_2030-01-01_00-00-30.000000", 30)
+    (partial / "rng_rank1.pt").unlink()
+    assert resume_checkpoint(recipe, stage, older) == newer
+    empty, _ = _run_folder(tmp_path / "empty")
+    assert resume_checkpoint(empty, empty.stages[0], None) is None
+
+    on_s3 = recipe.model_copy(update={"storage_path": f"s3://{s3_bucket}/runs"})
+    for folder in (older, newer, str(partial)):
+        storage.copy_tree(folder, storage.join(on_s3.storage_path, run.name, Path(folder).name))
+    s3_older, s3_newer = (storage.join(on_s3.storage_path, run.name, Path(f).name) for f in (older, newer))
+    assert resume_checkpoint(on_s3, stage, s3_older) == s3_newer
 
 
 def test_rng_states_round_trip_through_the_safe_unpickler(tmp_path: Path) -> None:

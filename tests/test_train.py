@@ -23,7 +23,7 @@ from pipeline.data.stream.shard_set import resolve_split
 from pipeline.services import MLflowServer
 from pipeline.tracking import start_run
 from pipeline.train.launch import fit_stage, run_name
-from pipeline.train.run_folder import fetch_checkpoint, latest_checkpoint
+from pipeline.train.run_folder import fetch_checkpoint, latest_checkpoint, rank_files_name
 from pipeline.train.weights import model_spec
 
 pytestmark = pytest.mark.slow
@@ -133,7 +133,8 @@ def test_zero3_stage_with_mlflow_server_and_s3_storage(digits, mlflow_server, s3
         assert owners == {rank}, fetched  # nothing of the other rank's
         shards = {n.rsplit("mp_rank_00_", 1)[-1] for n in fetched if f"zero_pp_rank_{rank}_" in n}
         assert shards == {"model_states.pt", "optim_states.pt"}, fetched
-        assert {"trainer_state.json", "ema.safetensors"} <= fetched and not any(n.startswith("export/") for n in fetched)
+        assert {"trainer_state.json", "ema.safetensors", rank_files_name(rank)} <= fetched
+        assert not any(n.startswith("export/") for n in fetched)
     # on another world size: the consolidated weights only
     fetched = _files(fetch_checkpoint(latest, tmp_path / "world1", rank=0, world_size=1, s3=recipe.s3))
     assert fetched == {"trainer_state.json", "ema.safetensors", "export/model.safetensors"}

@@ -7,6 +7,7 @@ latest one):
     deepspeed/step/...        DeepSpeed engine state: each rank's ZeRO shard, optimizer state, LR state
     trainer_state.json        step, epoch, world size, ZeRO stage, the data stream's position (rank 0)
     rng_rank{r}.pt            each rank's RNG states
+    files_rank{r}.json        the files rank r wrote, with their sizes (written last: the completeness mark)
     ema.safetensors           full EMA weights (rank 0; gathered across ranks under ZeRO-3)
     export/model.safetensors  consolidated weights, loadable by ``revcol.create_model`` without DeepSpeed
     export/ema.safetensors    consolidated EMA weights (when EMA is on)
@@ -35,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.train.ema import ShardedEma
 from pipeline.train.deepspeed_fixes import refresh_master_weights
 from pipeline.train.engine import load_weights, zero3_gathered
-from pipeline.train.run_folder import STATE_FILE
+from pipeline.train.run_folder import STATE_FILE, rank_files_name
 
 __all__ = ["TrainerState", "export_weights", "load_checkpoint", "save_checkpoint"]
 
@@ -62,6 +63,9 @@ class TrainerState:
     """The data stream's resumable position."""
     source_samples: dict[str, int] = field(default_factory=dict)
     """A mixture's training samples per source (global), as ``train/samples`` counts them."""
+    rank_files: bool = False
+    """Every rank listed its files (``files_rank{r}.json``, written last): the checkpoint is complete once each
+    listed file is in storage. False in checkpoints of earlier versions, which only the RNG files mark complete."""
 
 
 def _rng_state() -> dict[str, Any]:
@@ -146,13 +150,17 @@ def save_checkpoint(
     if export or not optimizer_state:
         (folder / "export").mkdir(exist_ok=True)
         export_weights(engine, folder / "export" / "model.safetensors", metadata=export_metadata)
-    if rank != 0:
-        return
-    (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-    if ema_full is not None:
-        save_file(ema_full, folder / "ema.safetensors")
-        if export:
-            save_file(ema_full, folder / "export" / "ema.safetensors", metadata=export_metadata)
+    if rank == 0:
+        state.rank_files = True
+        (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        if ema_full is not None:
+            save_file(ema_full, folder / "ema.safetensors")
+            if export:
+                save_file(ema_full, folder / "export" / "ema.safetensors", metadata=export_metadata)
+    # Last: Ray Train uploads the folder's files in no fixed order, so this list, not any one file, tells whether
+    # the rank's part of the checkpoint is all in storage (a node lost mid-upload leaves it incomplete).
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+    (folder / rank_files_name(rank)).write_text(json.dumps(files, indent=0, sort_keys=True))
 
 
 def load_checkpoint(engine: Any, folder: Path, *, ema: ShardedEma | None) -> TrainerState:

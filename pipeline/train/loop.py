@@ -35,7 +35,7 @@ from pipeline.train.ema import ShardedEma
 from pipeline.train.engine import Objective, build_engine, build_model, deepspeed_config, largest_param
 from pipeline.train.job import WorkerJob
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
-from pipeline.train.run_folder import fetch_checkpoint, keep_best, latest_checkpoint, write_file
+from pipeline.train.run_folder import fetch_checkpoint, keep_best, resume_checkpoint, write_file
 from pipeline.train.validate import evaluate_stream
 from pipeline.train.weights import MODEL_METADATA_KEY
 
@@ -173,6 +173,7 @@ class _SourceSamples:
 def train_func(config: dict[str, Any]) -> None:
     """The per-worker training loop of one stage (Ray Train ``train_loop_per_worker``)."""
     import ray.train
+    import torch.distributed as dist
 
     job = StageJob(**config)
     recipe, stage = job.resolved()
@@ -205,13 +206,13 @@ def train_func(config: dict[str, Any]) -> None:
 
     state = TrainerState(world_size=world, zero_stage=stage.deepspeed.zero_stage)
     position = StreamPosition()
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # the last one Ray Train registered; a newer one may be complete
+    registered = None
     if checkpoint is not None:  # Ray Train's checkpoint lives in storage_path: bucket/prefix/... on S3
-        resume_from = f"s3://{checkpoint.path}" if storage.is_s3_url(recipe.storage_path) else checkpoint.path
-    else:
-        resume_from = latest_checkpoint(recipe, stage)
-        if resume_from is not None:
-            logger.info("rank %d: resuming from %s (found in storage)", rank, resume_from)
+        registered = f"s3://{checkpoint.path}" if storage.is_s3_url(recipe.storage_path) else checkpoint.path
+    choice = [resume_checkpoint(recipe, stage, registered) if rank == 0 else None]
+    dist.broadcast_object_list(choice, src=0)  # every rank resumes from the same one
+    resume_from = choice[0]
     if resume_from is not None:
         resume_copy = Path(tempfile.mkdtemp(prefix="revcol-resume-"))  # this rank's files of a remote checkpoint
         try:

@@ -15,7 +15,10 @@ from pathlib import Path
 from pipeline import storage
 from pipeline.config import Recipe, S3Config, StageConfig
 
-__all__ = ["BEST_PREFIX", "fetch_checkpoint", "keep_best", "latest_checkpoint", "read_file", "run_name", "run_url", "write_file"]
+__all__ = [
+    "BEST_PREFIX", "fetch_checkpoint", "is_complete", "keep_best", "latest_checkpoint", "rank_files_name", "read_file",
+    "resume_checkpoint", "run_name", "run_url", "write_file",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +56,34 @@ def read_file(recipe: Recipe, stage: StageConfig, name: str) -> bytes | None:
         return None
 
 
-def latest_checkpoint(recipe: Recipe, stage: StageConfig) -> str | None:
-    """The URL of the newest complete checkpoint in the stage's run folder; None if there is none.
+def rank_files_name(rank: int) -> str:
+    """The file in which ``rank`` lists the files it wrote into a checkpoint (name → size), written last."""
+    return f"files_rank{rank}.json"
 
-    Ray Train hands a restarted worker group the last checkpoint its controller registered; a worker killed right
-    after reporting can take that registration with it. Complete means the trainer state and every rank's RNG
-    file are there (each rank writes its RNG file after its DeepSpeed shard).
-    """
+
+def is_complete(checkpoint: str, *, s3: S3Config | None = None) -> bool:
+    """Whether every rank's part of the checkpoint at ``checkpoint`` is in storage: the trainer state, and each file
+    every rank listed at its size (earlier versions' checkpoints, without the lists: each rank's RNG file)."""
+    sizes = storage.file_sizes(checkpoint, s3=s3)
+    if STATE_FILE not in sizes:
+        return False
+    state = json.loads(storage.read_bytes(storage.join(checkpoint, STATE_FILE), s3=s3))
+    for rank in range(state["world_size"]):
+        if not state.get("rank_files"):
+            if f"rng_rank{rank}.pt" not in sizes:
+                return False
+            continue
+        if rank_files_name(rank) not in sizes:
+            return False
+        listed = json.loads(storage.read_bytes(storage.join(checkpoint, rank_files_name(rank)), s3=s3))
+        if any(sizes.get(name) != size for name, size in listed.items()):
+            return False
+    return True
+
+
+def latest_checkpoint(recipe: Recipe, stage: StageConfig) -> str | None:
+    """The URL of the newest complete checkpoint (:func:`is_complete`) in the stage's run folder; None if there is
+    none. Ray Train names its checkpoint folders by time, so the newest is the last by name."""
     folder = run_url(recipe, stage)
     try:
         entries = storage.list_dir(folder, s3=recipe.s3)
@@ -68,17 +92,34 @@ def latest_checkpoint(recipe: Recipe, stage: StageConfig) -> str | None:
     for entry in sorted((e for e in entries if e.is_dir and e.name.startswith("checkpoint_")), key=lambda e: e.name,
                         reverse=True):
         checkpoint = storage.join(folder, entry.name)
-        names = {e.name for e in storage.list_dir(checkpoint, s3=recipe.s3)}
-        if STATE_FILE not in names:
-            continue
-        world = json.loads(storage.read_bytes(storage.join(checkpoint, STATE_FILE), s3=recipe.s3))
-        if all(f"rng_rank{r}.pt" in names for r in range(world["world_size"])):
+        if is_complete(checkpoint, s3=recipe.s3):
             return checkpoint
     return None
 
 
-_RANK_FILE = re.compile(r"(?:^|/)(?:rng_rank|(?:bf16_)?zero_pp_rank_)(\d+)[._]")
-"""A file of one rank's own (``rng_rank3.pt``, ``deepspeed/step/zero_pp_rank_3_mp_rank_00_optim_states.pt``)."""
+def resume_checkpoint(recipe: Recipe, stage: StageConfig, registered: str | None) -> str | None:
+    """The checkpoint a (re)starting worker group resumes from: the newest complete one in the run folder, or
+    ``registered`` (the one Ray Train hands over) when none is newer; None when there is none.
+
+    Ray Train registers a checkpoint some time after every rank has uploaded its part, while training goes on; a
+    node lost in between takes the registration with it, and Ray hands over the checkpoint before. Resuming from
+    that one would train a whole interval again, and more.
+    """
+    found = latest_checkpoint(recipe, stage)
+    if found is None or (registered is not None and found.rstrip("/").rsplit("/", 1)[-1]
+                         <= registered.rstrip("/").rsplit("/", 1)[-1]):
+        return registered
+    if registered is not None:
+        logger.info("resuming from %s: complete in storage, newer than the checkpoint Ray Train registered (%s)",
+                    found, registered)
+    else:
+        logger.info("resuming from %s (found in storage)", found)
+    return found
+
+
+_RANK_FILE = re.compile(r"(?:^|/)(?:rng_rank|files_rank|(?:bf16_)?zero_pp_rank_)(\d+)[._]")
+"""A file of one rank's own (``rng_rank3.pt``, ``files_rank3.json``,
+``deepspeed/step/zero_pp_rank_3_mp_rank_00_optim_states.pt``)."""
 
 
 def fetch_checkpoint(url: str, into: Path, *, rank: int, world_size: int, s3: S3Config | None) -> Path:
