@@ -12,7 +12,9 @@ import torch.distributed as dist
 from pipeline.config import parse_recipe
 from pipeline.services import free_port
 from pipeline import storage
-from pipeline.train.run_folder import is_complete, keep_best, latest_checkpoint, rank_files_name, resume_checkpoint, run_name
+from pipeline.train.run_folder import (
+    is_complete, keep_best, latest_checkpoint, rank_files_name, remove_incomplete_after, resume_checkpoint, run_name,
+)
 
 
 @pytest.fixture
@@ -102,7 +104,7 @@ def test_a_checkpoint_is_complete_when_every_listed_file_is_there_at_its_size(tm
 def test_resume_takes_a_complete_checkpoint_newer_than_the_registered_one(tmp_path, s3_bucket, s3_env):
     """A node lost between the upload of a checkpoint and its registration by Ray Train: the restarted group
     resumes from that newer, complete checkpoint, not from the registered one an interval earlier; an incomplete
-    newer one is passed over. The same on S3."""
+    newer one is passed over, then removed. The same on S3."""
     recipe, run = _run_folder(tmp_path)
     stage = recipe.stages[0]
     older = str(_listed_checkpoint(run / "checkpoint_2030-01-01_00-00-10.000000", 10))
@@ -113,14 +115,22 @@ def test_resume_takes_a_complete_checkpoint_newer_than_the_registered_one(tmp_pa
     partial = _listed_checkpoint(run / "checkpoint_2030-01-01_00-00-30.000000", 30)
     (partial / "rng_rank1.pt").unlink()
     assert resume_checkpoint(recipe, stage, older) == newer
+    # the incomplete one is a lost attempt's: Ray never registered it and would never rotate it away
+    assert remove_incomplete_after(recipe, stage, newer) == [str(partial)]
+    assert sorted(p.name for p in run.iterdir()) == [Path(older).name, Path(newer).name]
     empty, _ = _run_folder(tmp_path / "empty")
     assert resume_checkpoint(empty, empty.stages[0], None) is None
 
     on_s3 = recipe.model_copy(update={"storage_path": f"s3://{s3_bucket}/runs"})
+    partial = _listed_checkpoint(tmp_path / "checkpoint_2030-01-01_00-00-30.000000", 30)
+    (partial / "rng_rank1.pt").unlink()
     for folder in (older, newer, str(partial)):
         storage.copy_tree(folder, storage.join(on_s3.storage_path, run.name, Path(folder).name))
-    s3_older, s3_newer = (storage.join(on_s3.storage_path, run.name, Path(f).name) for f in (older, newer))
+    s3_older, s3_newer, s3_partial = (storage.join(on_s3.storage_path, run.name, Path(f).name)
+                                      for f in (older, newer, partial))
     assert resume_checkpoint(on_s3, stage, s3_older) == s3_newer
+    assert remove_incomplete_after(on_s3, stage, s3_newer) == [s3_partial]
+    assert not storage.exists(storage.join(s3_partial, "trainer_state.json"))
 
 
 def test_rng_states_round_trip_through_the_safe_unpickler(tmp_path: Path) -> None:

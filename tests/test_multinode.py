@@ -324,6 +324,14 @@ def test_losing_rank0s_training_node_mid_epoch(
     repeated = sum(n - 1 for n in seen.values())
     assert repeated <= INTERVAL * 2 * batch + 2 * 2 * batch  # since the checkpoint (+ batches in flight)
 
+    # what storage keeps: Ray Train's last checkpoint.keep (2); neither the lost attempt's incomplete checkpoint nor
+    # a complete one Ray never registered
+    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                            Prefix="runs/demo_digits-pretrain/")
+            for o in page.get("Contents", [])]
+    folders = {k.split("/")[2] for k in keys if k.count("/") > 2}
+    assert len({f for f in folders if f.startswith("checkpoint_")}) == 2, sorted(folders)
+
     client = MlflowClient(mlflow_server.tracking_uri)
     steps = [m.step for m in client.get_metric_history(summary["run_id"], "train/loss")]
     assert steps == sorted(set(steps)) and steps[-1] == summary["metrics"]["step"]

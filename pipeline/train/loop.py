@@ -35,7 +35,9 @@ from pipeline.train.ema import ShardedEma
 from pipeline.train.engine import Objective, build_engine, build_model, deepspeed_config, largest_param
 from pipeline.train.job import WorkerJob
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
-from pipeline.train.run_folder import fetch_checkpoint, keep_best, resume_checkpoint, write_file
+from pipeline.train.run_folder import (
+    fetch_checkpoint, keep_best, remove_incomplete_after, resume_checkpoint, write_file,
+)
 from pipeline.train.validate import evaluate_stream
 from pipeline.train.weights import MODEL_METADATA_KEY
 
@@ -210,9 +212,15 @@ def train_func(config: dict[str, Any]) -> None:
     registered = None
     if checkpoint is not None:  # Ray Train's checkpoint lives in storage_path: bucket/prefix/... on S3
         registered = f"s3://{checkpoint.path}" if storage.is_s3_url(recipe.storage_path) else checkpoint.path
-    choice = [resume_checkpoint(recipe, stage, registered) if rank == 0 else None]
+    choice = [None]
+    if rank == 0:
+        choice = [(resume_checkpoint(recipe, stage, registered), registered)]
+        remove_incomplete_after(recipe, stage, choice[0][0])
     dist.broadcast_object_list(choice, src=0)  # every rank resumes from the same one
-    resume_from = choice[0]
+    resume_from, registered = choice[0]
+    # a checkpoint other than the one Ray Train handed over (newer, or there was none) is one it never registered
+    # (its run snapshot would have named it), so its rotation would never remove it
+    unregistered = resume_from if resume_from is not None and resume_from != registered else None
     if resume_from is not None:
         resume_copy = Path(tempfile.mkdtemp(prefix="revcol-resume-"))  # this rank's files of a remote checkpoint
         try:
@@ -248,6 +256,7 @@ def train_func(config: dict[str, Any]) -> None:
     export_metadata = {MODEL_METADATA_KEY: json.dumps({"name": stage.model.name, "overrides": stage.model.overrides})}
 
     def report(metrics: dict[str, float], *, export: bool = False) -> None:
+        nonlocal unregistered
         state.stream = _merged_position(position)
         if source_samples is not None:
             source_samples.sync()
@@ -265,6 +274,15 @@ def train_func(config: dict[str, Any]) -> None:
             )
             if new_best:
                 keep_best(Path(tmp), recipe, stage, step=state.step)
+        if unregistered is not None:  # once every rank's part of a newer one is stored, it goes, as Ray would rotate it
+            dist.barrier()
+            if rank == 0:
+                try:
+                    storage.remove_tree(unregistered, s3=recipe.s3)
+                    logger.info("removed %s: resumed from, never registered by Ray Train, now superseded", unregistered)
+                except OSError as err:  # only storage is lost, not the run
+                    logger.warning("could not remove %s (resumed from, superseded): %s", unregistered, err)
+            unregistered = None
 
     trace = None if stage.data.trace_dir is None else open_sample_log(stage.data.trace_dir, rank)
     done = state.step >= total_steps

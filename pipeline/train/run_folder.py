@@ -17,7 +17,7 @@ from pipeline.config import Recipe, S3Config, StageConfig
 
 __all__ = [
     "BEST_PREFIX", "fetch_checkpoint", "is_complete", "keep_best", "latest_checkpoint", "rank_files_name", "read_file",
-    "resume_checkpoint", "run_name", "run_url", "write_file",
+    "remove_incomplete_after", "resume_checkpoint", "run_name", "run_url", "write_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,17 +81,20 @@ def is_complete(checkpoint: str, *, s3: S3Config | None = None) -> bool:
     return True
 
 
+def _checkpoint_names(recipe: Recipe, stage: StageConfig) -> list[str]:
+    """The ``checkpoint_*`` folders of the stage's run folder, newest first (Ray Train names them by time)."""
+    try:
+        entries = storage.list_dir(run_url(recipe, stage), s3=recipe.s3)
+    except OSError:
+        return []
+    return sorted((e.name for e in entries if e.is_dir and e.name.startswith("checkpoint_")), reverse=True)
+
+
 def latest_checkpoint(recipe: Recipe, stage: StageConfig) -> str | None:
     """The URL of the newest complete checkpoint (:func:`is_complete`) in the stage's run folder; None if there is
-    none. Ray Train names its checkpoint folders by time, so the newest is the last by name."""
-    folder = run_url(recipe, stage)
-    try:
-        entries = storage.list_dir(folder, s3=recipe.s3)
-    except OSError:
-        return None
-    for entry in sorted((e for e in entries if e.is_dir and e.name.startswith("checkpoint_")), key=lambda e: e.name,
-                        reverse=True):
-        checkpoint = storage.join(folder, entry.name)
+    none."""
+    for name in _checkpoint_names(recipe, stage):
+        checkpoint = run_url(recipe, stage, name)
         if is_complete(checkpoint, s3=recipe.s3):
             return checkpoint
     return None
@@ -106,8 +109,7 @@ def resume_checkpoint(recipe: Recipe, stage: StageConfig, registered: str | None
     that one would train a whole interval again, and more.
     """
     found = latest_checkpoint(recipe, stage)
-    if found is None or (registered is not None and found.rstrip("/").rsplit("/", 1)[-1]
-                         <= registered.rstrip("/").rsplit("/", 1)[-1]):
+    if found is None or (registered is not None and _name(found) <= _name(registered)):
         return registered
     if registered is not None:
         logger.info("resuming from %s: complete in storage, newer than the checkpoint Ray Train registered (%s)",
@@ -115,6 +117,27 @@ def resume_checkpoint(recipe: Recipe, stage: StageConfig, registered: str | None
     else:
         logger.info("resuming from %s (found in storage)", found)
     return found
+
+
+def remove_incomplete_after(recipe: Recipe, stage: StageConfig, resume_from: str | None) -> list[str]:
+    """Removes the checkpoint folders newer than ``resume_from`` (all of them when None): at a (re)start they are
+    the incomplete parts a lost attempt left, which Ray Train never registered and so would never rotate away.
+    Call before the new attempt writes any. Returns their URLs."""
+    newer = [name for name in _checkpoint_names(recipe, stage) if resume_from is None or name > _name(resume_from)]
+    removed = []
+    for name in newer:
+        url = run_url(recipe, stage, name)
+        try:
+            storage.remove_tree(url, s3=recipe.s3)
+            removed.append(url)
+            logger.info("removed %s: an incomplete checkpoint of an earlier attempt", url)
+        except OSError as err:  # only storage is lost, not the run
+            logger.warning("could not remove the incomplete checkpoint %s: %s", url, err)
+    return removed
+
+
+def _name(url: str) -> str:
+    return url.rstrip("/").rsplit("/", 1)[-1]
 
 
 _RANK_FILE = re.compile(r"(?:^|/)(?:rng_rank|files_rank|(?:bf16_)?zero_pp_rank_)(\d+)[._]")
