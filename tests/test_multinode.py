@@ -1,6 +1,7 @@
 """Several Ray nodes on this machine (``ray.cluster_utils.Cluster``: a head with no CPUs for tasks, labelled worker
 nodes): placement by role, the shared-storage refusal, and a run that must survive the loss of any node but the
-head (the stream's control actor; the demo's pretrain stage through ``revcol run`` losing a training node)."""
+head (the stream's control actor; the demo's pretrain stage through ``revcol run`` losing a training node, and
+with a replacement node the decode node with it)."""
 
 from __future__ import annotations
 
@@ -218,7 +219,8 @@ def test_losing_rank0s_training_node_mid_epoch(
     resumed pretrain's export) through ``revcol run`` on the cluster (S3 storage, an MLflow server): after its
     first checkpoint in S3, the training node of rank 0's worker goes (SIGKILL of its processes). With a
     replacement node (2 workers, ``max_failures``) the worker group restarts there; without one, with
-    ``num_workers: 1..2`` (elastic) on the node that is left. The run finishes; no sample of the epoch is lost,
+    ``num_workers: 1..2`` (elastic) on the node that is left. With the replacement, the decode node is lost at the
+    same moment (and replaced): decode goes on on the new one. The run finishes; no sample of the epoch is lost,
     at most one checkpoint interval repeats, no MLflow step is logged twice, and the S3 secrets appear nowhere."""
     import json
     import os
@@ -285,10 +287,15 @@ def test_losing_rank0s_training_node_mid_epoch(
         victim = next(node for node in cluster.worker_nodes if node.node_id == rank0["node"])
         before = {name for name, lines in recorded_samples(trace).items() if lines}
         first_pids = {r["pid"] for r in recorded_nodes(trace) if r["role"] == "train_worker"}
-        if replacement:
+        lost_data = []
+        if replacement:  # the decode node goes too, both replaced: decode carries on on the new one
+            lost_data = [n for n in cluster.worker_nodes if n.node_id in _nodes_of_role("data")]
             cluster.add_node(num_cpus=1, labels={ROLE: "train"})
+            cluster.add_node(num_cpus=2, labels={ROLE: "data"})
         removed_at = time.monotonic()
         cluster.remove_node(victim, allow_graceful=False)
+        for node in lost_data:
+            cluster.remove_node(node, allow_graceful=False)
         restart_s = None
         while run.poll() is None and restart_s is None:  # the first sample a restarted worker trains on
             if any(lines for name, lines in recorded_samples(trace).items() if name not in before):
@@ -314,6 +321,10 @@ def test_losing_rank0s_training_node_mid_epoch(
     assert restarted and restart_s is not None and victim.node_id not in {r["node"] for r in restarted}
     assert {r["node"] for r in records} <= set(train_nodes) | set(_nodes_of_role("train"))
     assert {r["rank"] for r in restarted} == ({0, 1} if replacement else {0})
+    if replacement:
+        decode_nodes = {r["node"] for r in recorded_nodes(trace) if r["role"] == "decode"}
+        assert decode_nodes - {n.node_id for n in lost_data} <= set(_nodes_of_role("data")), decode_nodes
+        assert decode_nodes & set(_nodes_of_role("data")), "no decode task ran on the replacement data node"
 
     # the audit trail: every sample of the epoch trained (bar the last pass's drop-last), one interval repeated
     seen = Counter(line for lines in recorded_samples(trace).values() for line in lines)
