@@ -36,7 +36,7 @@ from pipeline.train.engine import Objective, build_engine, build_model, deepspee
 from pipeline.train.job import WorkerJob
 from pipeline.train.optim import build_optimizer, build_scheduler, param_groups, scaled_lr
 from pipeline.train.run_folder import (
-    fetch_checkpoint, keep_best, remove_incomplete_after, resume_checkpoint, write_file,
+    fetch_checkpoint, keep_best, remove_checkpoint, remove_incomplete_after, resume_checkpoint, write_file,
 )
 from pipeline.train.validate import evaluate_stream
 from pipeline.train.weights import MODEL_METADATA_KEY
@@ -277,11 +277,8 @@ def train_func(config: dict[str, Any]) -> None:
         if unregistered is not None:  # once every rank's part of a newer one is stored, it goes, as Ray would rotate it
             dist.barrier()
             if rank == 0:
-                try:
-                    storage.remove_tree(unregistered, s3=recipe.s3)
-                    logger.info("removed %s: resumed from, never registered by Ray Train, now superseded", unregistered)
-                except OSError as err:  # only storage is lost, not the run
-                    logger.warning("could not remove %s (resumed from, superseded): %s", unregistered, err)
+                why = "resumed from, never registered by Ray Train, superseded"
+                remove_checkpoint(unregistered, s3=recipe.s3, why=why)
             unregistered = None
 
     trace = None if stage.data.trace_dir is None else open_sample_log(stage.data.trace_dir, rank)

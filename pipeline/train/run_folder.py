@@ -17,7 +17,7 @@ from pipeline.config import Recipe, S3Config, StageConfig
 
 __all__ = [
     "BEST_PREFIX", "fetch_checkpoint", "is_complete", "keep_best", "latest_checkpoint", "rank_files_name", "read_file",
-    "remove_incomplete_after", "resume_checkpoint", "run_name", "run_url", "write_file",
+    "remove_checkpoint", "remove_incomplete_after", "resume_checkpoint", "run_name", "run_url", "write_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def resume_checkpoint(recipe: Recipe, stage: StageConfig, registered: str | None
     that one would train a whole interval again, and more.
     """
     found = latest_checkpoint(recipe, stage)
-    if found is None or (registered is not None and _name(found) <= _name(registered)):
+    if found is None or (registered is not None and storage.parent(found)[1] <= storage.parent(registered)[1]):
         return registered
     if registered is not None:
         logger.info("resuming from %s: complete in storage, newer than the checkpoint Ray Train registered (%s)",
@@ -122,22 +122,23 @@ def resume_checkpoint(recipe: Recipe, stage: StageConfig, registered: str | None
 def remove_incomplete_after(recipe: Recipe, stage: StageConfig, resume_from: str | None) -> list[str]:
     """Removes the checkpoint folders newer than ``resume_from`` (all of them when None): at a (re)start they are
     the incomplete parts a lost attempt left, which Ray Train never registered and so would never rotate away.
-    Call before the new attempt writes any. Returns their URLs."""
-    newer = [name for name in _checkpoint_names(recipe, stage) if resume_from is None or name > _name(resume_from)]
-    removed = []
-    for name in newer:
-        url = run_url(recipe, stage, name)
-        try:
-            storage.remove_tree(url, s3=recipe.s3)
-            removed.append(url)
-            logger.info("removed %s: an incomplete checkpoint of an earlier attempt", url)
-        except OSError as err:  # only storage is lost, not the run
-            logger.warning("could not remove the incomplete checkpoint %s: %s", url, err)
-    return removed
+    Call before the new attempt writes any. Returns the URLs removed."""
+    after = storage.parent(resume_from)[1] if resume_from is not None else ""
+    newer = [run_url(recipe, stage, name) for name in _checkpoint_names(recipe, stage) if name > after]
+    why = "an incomplete checkpoint of an earlier attempt"
+    return [url for url in newer if remove_checkpoint(url, s3=recipe.s3, why=why)]
 
 
-def _name(url: str) -> str:
-    return url.rstrip("/").rsplit("/", 1)[-1]
+def remove_checkpoint(url: str, *, s3: S3Config | None, why: str) -> bool:
+    """Removes a checkpoint folder Ray Train does not rotate (``why`` says which, in the log); a storage error is
+    logged, not raised: only storage is lost, not the run. Returns whether it was removed."""
+    try:
+        storage.remove_tree(url, s3=s3)
+    except OSError as err:
+        logger.warning("could not remove %s (%s): %s", url, why, err)
+        return False
+    logger.info("removed %s: %s", url, why)
+    return True
 
 
 _RANK_FILE = re.compile(r"(?:^|/)(?:rng_rank|files_rank|(?:bf16_)?zero_pp_rank_)(\d+)[._]")
