@@ -15,7 +15,7 @@ CHROMIUM := command -v chromium >/dev/null || $(SUDO) apt-get install -y -q chro
 install: $(STAMP)
 
 # Pinned set (constraints.txt) so a fresh machine installs in minutes instead of ~18 min of resolver backtracking.
-# DeepSpeed's ops are the longest part (~4 min of compiling on 2 cores): torch and DeepSpeed go in first, then the
+# DeepSpeed's ops are the longest part (4–6 min of compiling on 2 cores): torch and DeepSpeed go in first, then the
 # ops build in the background while pip installs the rest and apt Chromium; the build's log is printed after it.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
