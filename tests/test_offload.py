@@ -66,8 +66,13 @@ def _run(rank: int, port: int, folder: str) -> None:
     result["plain_stepped"] = {n: p.detach().clone() for n, p in plain.named_parameters()}
     del plain
 
+    # Reading one parameter's fp32 master weight or gradient back (safe_get_full_*, 4 x 1175 reads here) swaps in
+    # the optimizer state of its whole sub-group from disk. At DeepSpeed's default (1e9 elements: one group for
+    # this model) each read moved all of it: 97 s for this run, 30 s with groups of 2^18 elements (the largest
+    # parameter). Several groups also take turns in the swap buffers, as they do for the full-size model (2.1e9).
     ds = DeepSpeedConfig(zero_stage=3, offload_param="nvme", offload_optimizer="nvme", nvme_path=folder,
-                         extra={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+                         extra={"zero_optimization": {"stage3_param_persistence_threshold": 0,
+                                                      "sub_group_size": 2**18}})
     config = deepspeed_config(ds, micro_batch=2, largest_param=largest_param(build))
     torch.manual_seed(0)
     model = build_model(build, config)
