@@ -1,10 +1,10 @@
 """Builds DeepSpeed's JIT-compiled ops once, at install time, so no test or run pays for the compile.
 
-`python -m pipeline.setup_ops` (run by `make install` while pip installs the rest; on 2 cores, alone to beside pip): the
-shared-memory communication op DeepSpeed's first CPU `initialize` needs (28–48 s), CPU Adam for offloaded optimizer
-state (45–66 s) and async I/O for NVMe offload (183–223 s; needs libaio, Debian's `libaio-dev`, which `make
-install` installs first). An interrupted build leaves a lock file in the torch extensions cache that makes the
-next build wait forever; stale locks are removed first.
+`python -m pipeline.setup_ops` (run by `make install` while pip installs the rest) builds, on 2 cores (the first
+figure built alone, the second beside pip): the shared-memory communication op DeepSpeed's first CPU `initialize`
+needs (28–48 s), CPU Adam for offloaded optimizer state (45–66 s) and async I/O for NVMe offload (183–223 s; needs
+libaio, Debian's `libaio-dev`, which `make install` installs first). An interrupted build leaves a lock file in
+the torch extensions cache that makes the next build wait forever; stale locks are removed first.
 """
 
 from __future__ import annotations
