@@ -267,8 +267,9 @@ def test_losing_rank0s_training_node_mid_epoch(
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("AWS_")}, **s3_server.env(), **secrets,
            "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
            # right after the loss Ray's elastic policy still counts the lost node and first tries the old size: that
-           # try ends at this timeout (60 s by default; a worker group starts in 15-25 s here)
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
+           # try ends at this timeout (60 s by default), which bounds only the wait for the placement group's
+           # resources (workers start after it); a try that times out is retried, not counted in max_failures
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "8"}
     # with a replacement node the finetune stage follows on the cluster the loss left (a few steps)
     stages = "pretrain,finetune" if replacement else "pretrain"
     if replacement:

@@ -299,6 +299,23 @@ def test_mlflow_outage_buffers_and_delivers(digits, s3_server, tmp_path, capfd):
         server.stop()
 
 
+def test_tracker_saves_undelivered_metrics_into_a_folder_it_makes(tmp_path):
+    """What MLflow never took by the end goes to a JSONL file; its folder is made only then (the training loop
+    passes one that does not exist, so that a killed worker leaves nothing behind)."""
+    from pipeline.services import free_port
+    from pipeline.tracking import MLflowTracker
+
+    folder = tmp_path / "not-made-yet"
+    tracker = MLflowTracker(f"http://127.0.0.1:{free_port()}", "0123abcd", fallback_dir=folder)  # nothing listens
+    tracker.log_metrics({"train/loss": 1.5}, step=5)
+    tracker.log_metrics({"train/loss": 1.25}, step=10)
+    assert not folder.exists()
+    assert tracker.close(timeout=0) is False
+    rows = [json.loads(line) for line in tracker.fallback_path.read_text().splitlines()]
+    assert tracker.fallback_path.parent == folder
+    assert [(r["key"], r["value"], r["step"]) for r in rows] == [("train/loss", 1.5, 5), ("train/loss", 1.25, 10)]
+
+
 def _train_worker_pids() -> list[int]:
     """PIDs of the Ray Train worker processes of this test's own Ray cluster (descendants of this process)."""
     import os

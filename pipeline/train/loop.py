@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import tempfile
@@ -244,7 +245,8 @@ def train_func(config: dict[str, Any]) -> None:
     )
     scheduler.step_update(state.samples)
 
-    scratch = Path(tempfile.mkdtemp(prefix="revcol-fallback-"))
+    # made by the tracker only if MLflow is still unreachable at the end: a worker killed mid-run leaves no folder
+    scratch = Path(tempfile.gettempdir()) / f"revcol-undelivered-{os.getpid()}-{time.time_ns()}"
     tracker = _tracker(job, rank, scratch)
     system_monitor = _system_metrics(job, recipe, ctx)
     names = [source.name for source in stage.data.sources]
