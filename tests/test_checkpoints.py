@@ -1,5 +1,6 @@
-"""Checkpoint retention on a real local run folder, without Ray: Ray Train rotates the ``checkpoint_*`` folders
-(the last ``checkpoint.keep``), ``keep_best`` keeps the best one beside them."""
+"""Checkpoints without Ray: retention on a real local run folder (Ray Train rotates the ``checkpoint_*`` folders,
+the last ``checkpoint.keep``; ``keep_best`` keeps the best one beside them), completeness, and reading a real
+DeepSpeed engine's checkpoint back weights-only."""
 
 from __future__ import annotations
 
@@ -147,3 +148,70 @@ def test_rng_states_round_trip_through_the_safe_unpickler(tmp_path: Path) -> Non
     draws = (torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)])
     _set_rng_state(torch.load(tmp_path / "rng_rank0.pt", weights_only=True))
     assert (torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]) == draws
+
+
+class _Planted:
+    """Unpickled with the full unpickler, opens (creates) the file it names: what a planted checkpoint file could do."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _save_and_resume(rank: int, port: int, folder: str) -> None:
+    """One gloo rank: a ZeRO-2 engine trains a step and saves a checkpoint; the checkpoint resumes, then resumes
+    again with its optimizer-state file replaced by one that would create ``planted`` when unpickled."""
+    import os
+    import pickle
+
+    import deepspeed
+    import torch
+
+    import revcol
+    from pipeline.config import DeepSpeedConfig, OptimConfig, RegularizeConfig
+    from pipeline.train.checkpoint import TrainerState, load_checkpoint, save_checkpoint
+    from pipeline.train.engine import Objective, build_engine, deepspeed_config
+    from pipeline.train.optim import build_optimizer, param_groups
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="gloo")
+    model = revcol.create_model("revcol_test", num_classes=10)
+    optim = OptimConfig(base_lr=1e-3)
+    config = deepspeed_config(DeepSpeedConfig(zero_stage=2), micro_batch=2)
+    objective = Objective(model, RegularizeConfig(), mean=(0.5,) * 3, std=(0.5,) * 3)
+    engine = build_engine(objective, build_optimizer(param_groups(model, optim), optim, lr=1e-3), config)
+    loss, _ = engine(torch.randn(2, 3, 32, 32), torch.tensor([1, 2]))
+    engine.backward(loss)
+    engine.step()
+    checkpoint = Path(folder) / "checkpoint"
+    save_checkpoint(engine, checkpoint, TrainerState(step=1), ema=None, export=False, optimizer_state=True)
+    result = {"resumed_step": load_checkpoint(engine, checkpoint, ema=None).step}
+
+    (optim_file,) = (checkpoint / "deepspeed").rglob("*optim_states.pt")
+    planted = Path(folder) / "planted"
+    torch.save({"optimizer_state_dict": _Planted(str(planted))}, optim_file)
+    try:
+        load_checkpoint(engine, checkpoint, ema=None)
+        result["refused"] = ""
+    except pickle.UnpicklingError as err:
+        result["refused"] = str(err)
+    result["planted"] = planted.exists()
+    result["forced_after"] = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    (Path(folder) / "result.json").write_text(json.dumps(result))
+    engine.destroy()
+    deepspeed.comm.destroy_process_group()
+
+
+def test_resume_reads_deepspeed_files_weights_only(tmp_path: Path) -> None:
+    """DeepSpeed reads its own checkpoint files with the full unpickler; a resume reads them weights-only (with
+    DeepSpeed's three pickled classes allowed), so a planted file is refused before it runs anything."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_save_and_resume, args=(free_port(), str(tmp_path)), nprocs=1, join=True)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["resumed_step"] == 1
+    assert "refusing to unpickle step/zero_pp_rank_0_mp_rank_00_optim_states.pt (io.open)" in result["refused"], result
+    assert result["planted"] is False
+    assert result["forced_after"] is None  # the switch is process-wide: it is off again after the load

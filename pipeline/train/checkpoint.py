@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import random
 import struct
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,7 @@ from pipeline.train.deepspeed_fixes import refresh_master_weights
 from pipeline.train.engine import load_weights, zero3_gathered
 from pipeline.train.run_folder import STATE_FILE, rank_files_name
 
-__all__ = ["TrainerState", "export_weights", "load_checkpoint", "save_checkpoint"]
+__all__ = ["TrainerState", "export_weights", "load_checkpoint", "save_checkpoint", "weights_only_loads"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +170,8 @@ def load_checkpoint(engine: Any, folder: Path, *, ema: ShardedEma | None) -> Tra
     state = TrainerState(**json.loads((folder / STATE_FILE).read_text()))
     world = engine.world_size
     if state.world_size == world and (folder / "deepspeed").exists():
-        engine.load_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
+        with weights_only_loads(folder / "deepspeed"):
+            engine.load_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
         rng = folder / f"rng_rank{engine.global_rank}.pt"
         if rng.exists():
             try:
@@ -196,7 +199,8 @@ def _load_consolidated_weights(engine: Any, folder: Path) -> None:
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        full = get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
+        with weights_only_loads(folder / "deepspeed"):
+            full = get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
         weights = {k.removeprefix("model."): v for k, v in full.items()}
     model = engine.module.model
     own = {name for name, _ in _named_tensors(model)}
@@ -205,3 +209,41 @@ def _load_consolidated_weights(engine: Any, folder: Path) -> None:
                          f"unexpected {sorted(set(weights) - own)[:10]}")
     load_weights(model, weights)
     refresh_master_weights(engine)
+
+
+@contextmanager
+def weights_only_loads(folder: Path) -> Iterator[None]:
+    """Makes every ``torch.load`` in its scope weights-only, DeepSpeed's own included, for the files of ``folder``.
+
+    DeepSpeed 0.19.8 reads its checkpoint files with ``torch.load(weights_only=False)``: a file planted in the
+    checkpoint storage (a shared bucket) would run code on every resuming worker. Its files hold tensors, plain
+    values and three DeepSpeed classes (the loss scaler, the ZeRO stage enum and fragment addresses, for ZeRO
+    1-3 in fp32, bf16 and fp16, optimizer offloaded or not), which are allowed; a file with anything else is
+    refused with a ``pickle.UnpicklingError`` naming it and what it holds. torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``
+    overrides the explicit ``weights_only=False``; it is process-wide, so it is set only for the load.
+    """
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, ZeroStageEnum, fragment_address]
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    except pickle.UnpicklingError as err:
+        names = {f"{c.__module__}.{c.__qualname__}" for c in allowed}
+        found = {str(f.relative_to(folder)): sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) - names)
+                 for f in sorted(folder.rglob("*.pt"))}
+        named = "; ".join(f"{name} ({', '.join(objects)})" for name, objects in found.items() if objects)
+        raise pickle.UnpicklingError(
+            f"checkpoint {folder}: refusing to unpickle {named or 'a file'}: checkpoint files may hold tensors, plain "
+            "values and DeepSpeed's loss scaler, ZeRO stage and fragment addresses only; anything else could run code "
+            "when loaded. Resume from a checkpoint this pipeline wrote, or remove the file.") from err
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
