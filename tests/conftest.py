@@ -9,6 +9,11 @@ Ray Train's controller polls its workers every 0.5 s here instead of 2 s (``RAY_
 inherited by every Ray cluster and command the tests start): a run's start and end wait on those polls. Measured
 on ``tests/test_train.py -k "golden or fewer"`` (3 Ray Train runs), two pairs in both orders: 96.7 and 108.3 s
 against 113.7 and 116.5 s, ~4 s per run.
+
+Ray's log deduplication is off (``RAY_DEDUP_LOGS=0``): it treats lines that differ only in numbers as repeats, so of
+``rank 0 resumed at step 22 …`` and ``rank 1 resumed at step 22 …`` only the first one logged reached the driver at
+once, the other up to 5 s later, and a test reading the driver's output for rank 0's line failed whenever rank 1
+logged first (seen once in a fresh-clone run).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import pytest
 from pipeline.services import MLflowServer, S3Server
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 @pytest.fixture(scope="session")
